@@ -1,0 +1,3 @@
+from crosslora.cli import main
+
+raise SystemExit(main())
