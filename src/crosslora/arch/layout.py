@@ -1,0 +1,237 @@
+"""Architectures as data: which modules a layer has, the canonical roles they hold, their spaces.
+
+A *family* file (``families/<name>.json``) names each adapted module of a layer, relative to the
+layer prefix, with the canonical roles it holds (``q k v o gate up down``). A fused module holds
+several roles in row blocks of its output: ``contiguous`` (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``)
+or ``heads_interleaved`` (GPT-NeoX ``query_key_value``: per head, q then k then v rows).
+GPT-2 stores Conv1D weights as (in, out); ``conv1d: true`` says so.
+
+Every role reads one named space and writes another (``ROLE_SPACES``); those are the spaces a
+transfer must map between the two models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import torch
+
+from crosslora.errors import CrossLoraError
+from crosslora.io.checkpoint import Checkpoint
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+# role -> (space it reads, space it writes)
+ROLE_SPACES: dict[str, tuple[str, str]] = {
+    "q": ("residual", "q_heads"),
+    "k": ("residual", "k_heads"),
+    "v": ("residual", "v_heads"),
+    "o": ("attn_out", "residual"),
+    "gate": ("residual", "mlp"),
+    "up": ("residual", "mlp"),
+    "down": ("mlp", "residual"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family file, parsed."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # layer container path, e.g. "model.layers"
+    modules: dict[str, tuple[tuple[str, ...], str | None]]  # suffix -> (roles, split kind)
+    conv1d: bool
+    data: dict  # the whole file, for fields that later methods read (norms, embeddings)
+
+
+@cache
+def families() -> dict[str, Family]:
+    """All known families, keyed by ``model_type``."""
+    out: dict[str, Family] = {}
+    for entry in sorted(resources.files("crosslora.arch").joinpath("families").iterdir()):
+        if not entry.name.endswith(".json"):
+            continue
+        data = json.loads(entry.read_text())
+        modules = {}
+        for suffix, spec in data["modules"].items():
+            if isinstance(spec, list):
+                modules[suffix] = (tuple(spec), None)
+            else:
+                modules[suffix] = (tuple(spec["roles"]), spec["split"])
+        fam = Family(
+            entry.name.removesuffix(".json"), tuple(data["model_types"]), data["layers"],
+            modules, bool(data.get("conv1d", False)), data,
+        )  # fmt: skip
+        for model_type in fam.model_types:
+            out[model_type] = fam
+    return out
+
+
+def family_for(model_type: str | None, what: str) -> Family:
+    known = families()
+    if model_type not in known:
+        raise CrossLoraError(
+            f"{what}: model_type {model_type!r} is not supported; supported: "
+            + ", ".join(sorted(known))
+        )
+    return known[model_type]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a layout needs, read from a Hugging Face config."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+def read_dims(config: dict, what: str) -> Dims:
+    def get(*names: str, default: int | None = None) -> int:
+        for name in names:
+            value = config.get(name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise CrossLoraError(f"{what} config: {name} must be a positive integer")
+                return value
+        if default is None:
+            raise CrossLoraError(f"{what} config: missing {names[0]}")
+        return default
+
+    hidden = get("hidden_size", "n_embd")
+    heads = get("num_attention_heads", "n_head")
+    return Dims(
+        hidden=hidden,
+        layers=get("num_hidden_layers", "n_layer"),
+        heads=heads,
+        kv_heads=get("num_key_value_heads", default=heads),
+        head_dim=get("head_dim", default=hidden // heads),
+        intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
+        vocab=get("vocab_size"),
+    )
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One module of one layer as the model names it; ``rows`` locate each role in its output."""
+
+    module: str  # full module path, e.g. "model.layers.3.self_attn.qkv_proj"
+    layer: int
+    roles: tuple[str, ...]
+    rows: dict[str, torch.Tensor | None]  # role -> LongTensor of output rows (None: all rows)
+    conv1d: bool
+    out_features: int
+
+
+@dataclass(frozen=True)
+class RoleRef:
+    """One canonical role of one layer: where it lives and the (out, in) shape of its weight."""
+
+    layer: int
+    role: str
+    slot: Slot
+    shape: tuple[int, int]
+
+    @property
+    def label(self) -> str:
+        return f"{self.slot.module}" + (f"[{self.role}]" if len(self.slot.roles) > 1 else "")
+
+
+class Layout:
+    """A model's adapted modules, per layer and role, checked against its checkpoint's shapes."""
+
+    def __init__(self, checkpoint: Checkpoint, what: str) -> None:
+        self.checkpoint = checkpoint
+        self.what = what
+        self.family = family_for(checkpoint.model_type, what)
+        self.dims = read_dims(checkpoint.config, what)
+        leaf = re.escape(self.family.layers.split(".")[-1])
+        suffixes = "|".join(re.escape(s) for s in self.family.modules)
+        self._module_re = re.compile(rf"(?:^|.*\.){leaf}\.(\d+)\.({suffixes})$")
+        self._roles: dict[tuple[int, str], RoleRef] = {}
+        for layer in range(self.dims.layers):
+            for suffix in self.family.modules:
+                self._add_slot(layer, suffix)
+
+    @property
+    def num_layers(self) -> int:
+        return self.dims.layers
+
+    def module_path(self, layer: int, suffix: str) -> str:
+        return f"{self.family.layers}.{layer}.{suffix}"
+
+    def _add_slot(self, layer: int, suffix: str) -> None:
+        roles, split = self.family.modules[suffix]
+        module = self.module_path(layer, suffix)
+        key = self.checkpoint.find(module)
+        if key is None:
+            return  # a layer without this module (e.g. cross-attention-only); nothing to adapt
+        shape = self.checkpoint.shape(key)
+        if len(shape) != 2:
+            raise CrossLoraError(f"{self.what}: {key} has shape {shape}, expected a matrix")
+        out_f, in_f = (shape[1], shape[0]) if self.family.conv1d else shape
+        rows = self._split_rows(roles, split, out_f, module)
+        slot = Slot(module, layer, roles, rows, self.family.conv1d, out_f)
+        for role in roles:
+            n = out_f if rows[role] is None else len(rows[role])
+            self._roles[(layer, role)] = RoleRef(layer, role, slot, (n, in_f))
+
+    def _split_rows(
+        self, roles: tuple[str, ...], split: str | None, out_f: int, module: str
+    ) -> dict[str, torch.Tensor | None]:
+        if split is None:
+            return {roles[0]: None}
+        d = self.dims
+        kv = d.kv_heads * d.head_dim
+        sizes = {"q": d.heads * d.head_dim, "k": kv, "v": kv, "gate": d.intermediate,
+                 "up": d.intermediate}  # fmt: skip
+        if sum(sizes[r] for r in roles) != out_f:
+            raise CrossLoraError(
+                f"{self.what}: fused {module} has {out_f} output rows, but the config implies "
+                + " + ".join(f"{sizes[r]} ({r})" for r in roles)
+            )
+        if split == "contiguous":
+            bounds, start = {}, 0
+            for role in roles:
+                bounds[role] = torch.arange(start, start + sizes[role])
+                start += sizes[role]
+            return bounds
+        if split == "heads_interleaved":  # GPT-NeoX: view(..., heads, 3 * head_dim)
+            hd, per_head = d.head_dim, len(roles) * d.head_dim
+            base = torch.arange(d.heads)[:, None] * per_head + torch.arange(hd)[None, :]
+            return {role: (base + i * hd).reshape(-1) for i, role in enumerate(roles)}
+        raise CrossLoraError(f"family {self.family.name}: unknown split {split!r}")
+
+    def role(self, layer: int, role: str) -> RoleRef | None:
+        return self._roles.get((layer, role))
+
+    def roles(self) -> list[RoleRef]:
+        return list(self._roles.values())
+
+    def parse_module(self, module: str) -> tuple[int, str] | None:
+        """``(layer, suffix)`` of an adapter's module name, whatever its prefix; None if foreign."""
+        m = self._module_re.match(module)
+        return (int(m[1]), m[2]) if m else None
+
+    def slot_roles(self, layer: int, suffix: str) -> list[RoleRef]:
+        roles, _ = self.family.modules[suffix]
+        return [ref for r in roles if (ref := self.role(layer, r)) is not None]
+
+    def weight(self, ref: RoleRef, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The role's base weight, float32 on ``device``, (out, in) orientation, its rows only."""
+        key = self.checkpoint.find(ref.slot.module)
+        assert key is not None
+        w = self.checkpoint.get(key).to(device=device, dtype=torch.float32)
+        if ref.slot.conv1d:
+            w = w.T
+        rows = ref.slot.rows[ref.role]
+        return (w if rows is None else w[rows.to(w.device)]).contiguous()

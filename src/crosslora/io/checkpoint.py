@@ -1,0 +1,127 @@
+"""Base-model checkpoints: resolve a folder or hub id, read the config, read tensors lazily.
+
+Only headers are read up front. A tensor is read when asked for, from its own shard, so memory
+stays bounded by the tensors in use whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from crosslora.errors import CrossLoraError
+from crosslora.io.safetensors_file import TensorFile
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]  # config, weights, tokenizer
+
+
+def resolve_local_or_hub(spec: str | os.PathLike[str], what: str) -> Path:
+    """A local folder, or a hub id fetched (or found in the local hub cache when offline)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CrossLoraError(f"{what} {path} is a file; expected a model folder")
+        return path
+    text = str(spec)
+    if text.startswith((".", "/", "~")) or not HUB_ID.match(text) or text.count("/") > 1:
+        raise CrossLoraError(f"{what} {text}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # offline, unknown repo, gated, ...: one line either way
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CrossLoraError(
+            f"{what} {text}: not a local folder, and not available from the hub or its local "
+            f"cache ({msg})"
+        ) from err
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a JSON object, with one-line errors naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise CrossLoraError(f"{what}: {path} not found") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise CrossLoraError(f"{what}: cannot read {path}: {err}") from err
+    except json.JSONDecodeError as err:
+        raise CrossLoraError(f"{what}: {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CrossLoraError(f"{what}: {path} must hold a JSON object")
+    return data
+
+
+class Checkpoint:
+    """A Hugging Face model folder: ``config.json`` plus safetensors weights (single or sharded).
+
+    ``get(name)`` reads one tensor; shapes come from headers alone (``shape(name)``).
+    """
+
+    def __init__(self, spec: str | os.PathLike[str], what: str = "model") -> None:
+        self.spec = str(spec)
+        self.path = resolve_local_or_hub(spec, what)
+        self.config = read_json(self.path / "config.json", what)
+        self.model_type = self.config.get("model_type")
+        self._shards: dict[str, TensorFile] = {}
+        self.weight_map = self._weight_map(what)
+
+    def _weight_map(self, what: str) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index, what).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CrossLoraError(f"{what}: {index} has no weight_map")
+            for shard in sorted(set(weight_map.values())):
+                self._open(shard)
+            for name, shard in weight_map.items():
+                if name not in self._shards[shard]:
+                    raise CrossLoraError(f"{what}: {index} lists {name!r}, absent from {shard}")
+            return dict(weight_map)
+        single = self.path / "model.safetensors"
+        if single.exists():
+            return dict.fromkeys(self._open(single.name).keys(), single.name)
+        pickles = [p.name for p in self.path.glob("*.bin")]
+        hint = f" (found only pickle weights {pickles[0]}; convert them to safetensors)" * bool(
+            pickles
+        )
+        raise CrossLoraError(f"{what}: no model.safetensors in {self.path}{hint}")
+
+    def _open(self, shard: str) -> TensorFile:
+        if shard not in self._shards:
+            if Path(shard).name != shard:
+                raise CrossLoraError(f"shard name {shard!r} must be a plain file name")
+            self._shards[shard] = TensorFile(self.path / shard)
+        return self._shards[shard]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shards[self.weight_map[name]].shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CrossLoraError(f"{self.path}: the checkpoint has no tensor {name!r}")
+        return self._shards[self.weight_map[name]].get(name)
+
+    def find(self, module_path: str, leaf: str = "weight") -> str | None:
+        """The checkpoint key of ``<module_path>.<leaf>``, tolerating a missing or extra prefix.
+
+        Checkpoints saved from a bare ``*Model`` lack the ``model.``/``transformer.`` prefix that a
+        ``*ForCausalLM`` module path has (and old GPT-2 files lack ``transformer.``).
+        """
+        parts = module_path.split(".")
+        for i in range(len(parts)):
+            key = ".".join([*parts[i:], leaf])
+            if key in self.weight_map:
+                return key
+        return None

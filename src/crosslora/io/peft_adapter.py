@@ -1,0 +1,357 @@
+"""The PEFT LoRA contract, in one place: file names, key grammar, scale rule, config I/O.
+
+PEFT saves an adapter as ``adapter_config.json`` plus ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r). A
+module's rank and alpha come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches its
+name (PEFT's rule: ``re.match(rf"(.*\\.)?({pattern})$", name)``), else from ``r`` / ``lora_alpha``;
+its scale is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from crosslora.errors import CrossLoraError
+from crosslora.io.checkpoint import read_json, resolve_local_or_hub
+from crosslora.io.safetensors_file import TensorFile
+from crosslora.lora import LoraFactors
+
+log = logging.getLogger("crosslora")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
+
+
+def lora_key(module: str, which: str) -> str:
+    """The saved key of a module's ``lora_A`` or ``lora_B`` weight."""
+    return f"{KEY_PREFIX}{module}.lora_{which}.weight"
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def alpha_for_scale(scale: float, r: int, use_rslora: bool) -> float:
+    """The ``lora_alpha`` that gives ``scale`` at rank ``r`` (inverse of ``lora_scale``)."""
+    return scale * math.sqrt(r) if use_rslora else scale * r
+
+
+def pattern_key(patterns: dict[str, object], module: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern that matches the end of ``module``."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return pattern
+        except re.error as err:
+            raise CrossLoraError(f"adapter config: invalid pattern {pattern!r} ({err})") from err
+    return None
+
+
+def matches_target_modules(target_modules: list[str] | str | None, module: str) -> bool:
+    """PEFT's ``check_target_module_exists`` for a list (suffix match) or a regex (fullmatch)."""
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in target_modules)
+
+
+@dataclass(frozen=True)
+class ModuleLora:
+    """One adapted module of a source adapter: its keys, rank and scale."""
+
+    module: str  # module path in the base model, e.g. "model.layers.3.self_attn.q_proj"
+    a_key: str
+    b_key: str
+    r: int
+    alpha: float
+    scale: float
+    shape: tuple[int, int]  # (out, in) of ΔW
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter on disk, validated; tensors are read on demand."""
+
+    path: Path
+    config: dict
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    modules: dict[str, ModuleLora]
+    dtype: torch.dtype
+    dropped: list[str] = field(default_factory=list)  # keys ignored, with a warning
+    _tensors: TensorFile | dict[str, torch.Tensor] | None = None
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        assert self._tensors is not None
+        return (
+            self._tensors.get(key) if isinstance(self._tensors, TensorFile) else self._tensors[key]
+        )
+
+    def factors(self, module: str) -> LoraFactors:
+        """The module's factors in their stored dtype; A (r, in), B (out, r)."""
+        m = self.modules[module]
+        return LoraFactors(self.tensor(m.a_key), self.tensor(m.b_key), m.scale)
+
+
+def _field(config: dict, name: str, types: type | tuple[type, ...], default: object) -> object:
+    value = config.get(name, default)
+    if value is default:
+        return value
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        raise CrossLoraError(
+            f"adapter config: field {name!r} has the wrong type ({type(value).__name__}: {value!r})"
+        )
+    return value
+
+
+def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Adapter:
+    """Read and validate a PEFT LoRA adapter folder (or hub id).
+
+    Refuses non-LoRA PEFT types, DoRA, embedding LoRA and LoRA biases with one clear line;
+    ignores ``modules_to_save`` tensors with a warning that names them. Pickle weights
+    (``adapter_model.bin``) load only with ``allow_pickle``, through ``weights_only=True``.
+    """
+    path = resolve_local_or_hub(spec, "adapter")
+    config = read_adapter_config(path / CONFIG_NAME)
+    r = _field(config, "r", int, 8)
+    lora_alpha = _field(config, "lora_alpha", (int, float), 8)
+    use_rslora = _field(config, "use_rslora", bool, False)
+    rank_pattern = _field(config, "rank_pattern", dict, {}) or {}
+    alpha_pattern = _field(config, "alpha_pattern", dict, {}) or {}
+    target_modules = _field(config, "target_modules", (list, str, type(None)), None)
+    if isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules):
+        raise CrossLoraError("adapter config: field 'target_modules' must list strings")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise CrossLoraError(f"adapter config: target_modules is not a regex ({err})") from err
+    layers = _field(config, "layers_to_transform", (int, list, type(None)), None)
+    if r <= 0:
+        raise CrossLoraError(f"adapter config: r must be positive, got {r}")
+    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key, value in pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise CrossLoraError(f"adapter config: {name}[{key!r}] must be a positive number")
+
+    tensors = _open_weights(path, allow_pickle)
+    keys = tensors.keys() if isinstance(tensors, TensorFile) else list(tensors)
+    shapes = {k: _shape(tensors, k) for k in keys}
+    dtypes = {_dtype(tensors, k) for k in keys}
+
+    found: dict[str, dict[str, str]] = {}
+    dropped: list[str] = []
+    for key in keys:
+        _refuse_unsupported(key)
+        m = LORA_KEY.match(key)
+        if m is None:
+            dropped.append(key)
+            continue
+        found.setdefault(m["module"], {})[m["which"]] = key
+    if dropped:
+        saved = config.get("modules_to_save") or []
+        log.warning(
+            "warning: dropping %d adapter tensor(s) that are not LoRA factors%s: %s",
+            len(dropped),
+            f" (modules_to_save={saved})" if saved else "",
+            ", ".join(dropped[:6]) + (" ..." if len(dropped) > 6 else ""),
+        )
+    if not found:
+        raise CrossLoraError(f"adapter {path}: no LoRA tensors (lora_A/lora_B) in its weights")
+
+    modules: dict[str, ModuleLora] = {}
+    for module, pair in sorted(found.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise CrossLoraError(f"adapter {path}: module {module} has no {missing} tensor")
+        if not matches_target_modules(target_modules, module):
+            raise CrossLoraError(
+                f"adapter {path}: module {module} has weights but is not in "
+                f"target_modules={target_modules!r}"
+            )
+        a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
+        rk = pattern_key(rank_pattern, module)
+        ak = pattern_key(alpha_pattern, module)
+        mr = int(rank_pattern[rk]) if rk is not None else r
+        malpha = float(alpha_pattern[ak]) if ak is not None else float(lora_alpha)
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise CrossLoraError(
+                f"adapter {path}: module {module} has lora_A {a_shape} and lora_B {b_shape}, "
+                "which are not LoRA factors (A: (r, in), B: (out, r))"
+            )
+        if a_shape[0] != mr:
+            raise CrossLoraError(
+                f"adapter {path}: module {module} has rank {a_shape[0]} but the config says r={mr}"
+            )
+        modules[module] = ModuleLora(
+            module, pair["A"], pair["B"], mr, malpha, lora_scale(malpha, mr, use_rslora),
+            (b_shape[0], a_shape[1]),
+        )  # fmt: skip
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        log.debug("layers_to_transform=%s (the weights present decide what is transferred)", wanted)
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return Adapter(path, config, r, float(lora_alpha), use_rslora, modules, dtype, dropped, tensors)
+
+
+def read_adapter_config(path: Path) -> dict:
+    config = read_json(path, "adapter config")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise CrossLoraError(
+            f"adapter config: peft_type {peft_type!r} is not supported (only LORA)"
+        )
+    if config.get("use_dora"):
+        raise CrossLoraError("adapter config: DoRA adapters (use_dora=true) are not supported")
+    if config.get("lora_bias"):
+        raise CrossLoraError("adapter config: LoRA biases (lora_bias=true) are not supported")
+    return config
+
+
+def _refuse_unsupported(key: str) -> None:
+    if "lora_magnitude_vector" in key:
+        raise CrossLoraError(f"adapter weights: {key} is a DoRA magnitude; DoRA is not supported")
+    if "lora_embedding_" in key:
+        raise CrossLoraError(f"adapter weights: {key} is an embedding LoRA, which is not supported")
+    if re.search(r"\.lora_[AB]\.bias$", key):
+        raise CrossLoraError(f"adapter weights: {key} is a LoRA bias, which is not supported")
+
+
+def _open_weights(path: Path, allow_pickle: bool) -> TensorFile | dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_NAME
+    if weights.exists():
+        return TensorFile(weights)
+    pickled = path / PICKLE_WEIGHTS_NAME
+    if pickled.exists():
+        if not allow_pickle:
+            raise CrossLoraError(
+                f"adapter {path}: weights are a pickle ({PICKLE_WEIGHTS_NAME}); pass --allow-pickle"
+                " "
+                "to load them (with torch.load(weights_only=True)) or convert them to safetensors"
+            )
+        try:
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CrossLoraError(f"adapter {pickled}: cannot load ({err})") from err
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise CrossLoraError(f"adapter {pickled}: not a dict of tensors")
+        return state
+    raise CrossLoraError(f"adapter {path}: no {WEIGHTS_NAME} found")
+
+
+def _shape(tensors: TensorFile | dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    return tensors.shape(key) if isinstance(tensors, TensorFile) else tuple(tensors[key].shape)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64}  # fmt: skip
+
+
+def _dtype(tensors: TensorFile | dict[str, torch.Tensor], key: str) -> torch.dtype:
+    if isinstance(tensors, TensorFile):
+        name = tensors.tensors[key].dtype
+        if name not in _SAFETENSORS_DTYPES:
+            raise CrossLoraError(f"adapter weights: {key} has dtype {name}, not a float type")
+        return _SAFETENSORS_DTYPES[name]
+    return tensors[key].dtype
+
+
+def target_modules_for(
+    modules: list[str], layer_of: dict[str, int], name_of: dict[str, str], num_layers: int
+) -> dict[str, object]:
+    """``target_modules`` (and ``layers_to_transform``) selecting exactly ``modules``.
+
+    ``name_of`` gives each module the name to list (its leaf, or a longer suffix where the leaf is
+    ambiguous, e.g. GPT-2's two ``c_proj``). When the written modules are every listed name in
+    every covered layer, a list is enough (plus ``layers_to_transform`` if not all layers are
+    covered); otherwise an anchored regex of the exact module paths.
+    """
+    names = sorted({name_of[m] for m in modules})
+    layers = sorted({layer_of[m] for m in modules})
+    full = {(layer, n) for layer in layers for n in names}
+    have = {(layer_of[m], name_of[m]) for m in modules}
+    if full == have and len(have) == len(modules):
+        fields: dict[str, object] = {"target_modules": names}
+        if layers != list(range(num_layers)):
+            fields["layers_to_transform"] = layers
+        return fields
+    return {"target_modules": "^(?:" + "|".join(re.escape(m) for m in sorted(modules)) + ")$"}
+
+
+def write_adapter(
+    folder: Path,
+    modules: dict[str, LoraFactors],
+    *,
+    base_model: str,
+    r: int,
+    lora_alpha: float,
+    use_rslora: bool,
+    selection: dict[str, object],
+    layers_pattern: str,
+    fan_in_fan_out: bool,
+    dtype: torch.dtype,
+    metadata: dict[str, str],
+    extra: dict[str, object] | None = None,
+) -> dict:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for ``modules``.
+
+    The global ``r`` / ``lora_alpha`` / ``use_rslora`` are kept; a module whose rank or scale
+    differs gets ``rank_pattern`` / ``alpha_pattern`` entries (full module names) so that PEFT's
+    scale rule reproduces each module's ``scale`` exactly. Returns the config as written.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    global_scale = lora_scale(lora_alpha, r, use_rslora)
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for module, f in sorted(modules.items()):
+        if f.r != r:
+            rank_pattern[module] = f.r
+        if f.scale != lora_scale(lora_alpha, f.r, use_rslora):
+            alpha_pattern[module] = alpha_for_scale(f.scale, f.r, use_rslora)
+        tensors[lora_key(module, "A")] = f.A.to(dtype=dtype, copy=True).contiguous()
+        tensors[lora_key(module, "B")] = f.B.to(dtype=dtype, copy=True).contiguous()
+    log.debug("global scale %.6g; %d rank / %d alpha pattern entries", global_scale,
+              len(rank_pattern), len(alpha_pattern))  # fmt: skip
+    layer_fields = dict(selection)
+    if "layers_to_transform" in layer_fields:
+        layer_fields["layers_pattern"] = layers_pattern
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=fan_in_fan_out,
+        base_model_name_or_path=base_model,
+        bias="none",
+        **layer_fields,
+        **(extra or {}),
+    )
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
+    return read_json(folder / CONFIG_NAME, "written adapter config")

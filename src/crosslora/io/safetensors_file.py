@@ -1,0 +1,140 @@
+"""Lazy, validated access to one ``.safetensors`` file.
+
+The header is parsed and checked *before* any tensor is read: its size is bounded, every
+entry's dtype and shape must agree with its byte span, and no span may leave the file. Tensors
+are then read one at a time through ``safe_open`` (memory-mapped), so holding a ``TensorFile``
+costs only its header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from crosslora.errors import CrossLoraError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit is 100 MB
+MAX_TENSOR_BYTES = 1 << 40  # 1 TiB: anything larger is a lying header, not a model
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry: dtype name (safetensors spelling), shape, byte span in the data block."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate the header of ``path``: ``(tensors by name, metadata)``.
+
+    Raises ``CrossLoraError`` naming the file for anything malformed: a short file, an
+    oversized or non-JSON header, unknown dtypes, shapes that disagree with byte spans, spans
+    that overlap or run past the end of the file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CrossLoraError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise CrossLoraError(
+                    f"{path}: corrupt safetensors header (declares {n} header bytes, "
+                    f"file has {size})"
+                )
+            raw = f.read(n)
+    except OSError as err:
+        raise CrossLoraError(f"{path}: cannot read: {err.strerror or err}") from err
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CrossLoraError(f"{path}: corrupt safetensors header (not JSON: {err})") from err
+    if not isinstance(header, dict):
+        raise CrossLoraError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CrossLoraError(f"{path}: corrupt safetensors header (bad __metadata__)")
+    data_size = size - 8 - n
+    tensors = {name: _check_entry(path, name, entry, data_size) for name, entry in header.items()}
+    spans = sorted((t.start, t.end, name) for name, t in tensors.items() if t.end > t.start)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise CrossLoraError(f"{path}: corrupt safetensors header ({a} overlaps {b})")
+    return tensors, metadata
+
+
+def _check_entry(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    def bad(why: str) -> CrossLoraError:
+        return CrossLoraError(f"{path}: corrupt safetensors header: tensor {name!r} {why}")
+
+    if not isinstance(entry, dict):
+        raise bad("is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise bad(f"has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+    ):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    start, end = offsets
+    nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+    if nbytes > MAX_TENSOR_BYTES:
+        raise bad(f"declares {nbytes} bytes")
+    if not 0 <= start <= end <= data_size:
+        raise bad(f"lies outside the file (bytes {start}..{end} of {data_size})")
+    if end - start != nbytes:
+        raise bad(f"has {end - start} bytes for shape {shape} of {dtype}")
+    return TensorInfo(dtype, tuple(shape), start, end)
+
+
+class TensorFile:
+    """A validated safetensors file whose tensors are read on demand, one at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+        self._handle = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+        if name not in self.tensors:
+            raise CrossLoraError(f"{self.path}: no tensor named {name!r}")
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt")
+            return self._handle.get_tensor(name)
+        except Exception as err:  # safetensors raises its own types for corrupt data
+            raise CrossLoraError(f"{self.path}: cannot read tensor {name!r}: {err}") from err
+
+    def close(self) -> None:
+        self._handle = None

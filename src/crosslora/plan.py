@@ -1,0 +1,173 @@
+"""Resolve the inputs and plan the transfer from headers alone: modules, shapes, layer map.
+
+The plan is cheap (no weight is read) and printable (``--dry-run``): each task pairs one role
+of one source layer with the same role of its mapped target layer; every module that will not
+be transferred is listed with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from crosslora.arch.layout import ROLES, Layout, RoleRef
+from crosslora.errors import CrossLoraError
+from crosslora.io.checkpoint import Checkpoint
+from crosslora.io.peft_adapter import Adapter, read_adapter
+from crosslora.layer_map import LayerMap, map_layers
+from crosslora.methods import get_method
+
+log = logging.getLogger("crosslora")
+
+
+@dataclass
+class Inputs:
+    """The resolved inputs: the source adapter and both base models' layouts."""
+
+    adapter: Adapter
+    src: Layout
+    tgt: Layout
+    src_name: str
+    tgt_name: str
+
+
+def resolve(
+    adapter: str, source_model: str, target_model: str, allow_pickle: bool = False
+) -> Inputs:
+    """Open the adapter and both checkpoints (headers and configs only)."""
+    ad = read_adapter(adapter, allow_pickle=allow_pickle)
+    src = Layout(Checkpoint(source_model, "source model"), "source model")
+    tgt = Layout(Checkpoint(target_model, "target model"), "target model")
+    return Inputs(ad, src, tgt, str(source_model), str(target_model))
+
+
+@dataclass(frozen=True)
+class ModuleTask:
+    """Transfer one role: ``src`` (in the adapter's module ``adapter_module``) to ``tgt``."""
+
+    src: RoleRef
+    tgt: RoleRef
+    adapter_module: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    what: str
+    reason: str
+
+
+@dataclass
+class TransferPlan:
+    method: str
+    layer_map: LayerMap
+    truncation_rank: int | None
+    tasks: list[ModuleTask]
+    skipped: list[Skip] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """A human-readable plan: the layer map, every task with shapes, every skip."""
+        lm = self.layer_map
+        lines = [
+            f"method: {self.method}"
+            + (
+                f" (truncation rank {self.truncation_rank or 'full'})"
+                if self.method != "copy"
+                else ""
+            ),
+            f"layer map: {lm.kind}, {lm.src_layers} source -> {lm.tgt_layers} target layers, "
+            f"{len(lm.pairs)} matched",
+            "  " + " ".join(f"{i}->{j}" for i, j in sorted(lm.pairs.items())),
+        ]
+        if lm.unmatched_src:
+            lines.append(f"  source layers dropped: {_ranges(lm.unmatched_src)}")
+        if lm.unmatched_tgt:
+            lines.append(f"  target layers left without adapter: {_ranges(lm.unmatched_tgt)}")
+        lines.append(f"modules: {len(self.tasks)} to transfer, {len(self.skipped)} skipped")
+        for t in self.tasks:
+            lines.append(
+                f"  L{t.src.layer:<3} {t.src.role:<5} {t.src.label} {_shape(t.src.shape)}"
+                f" -> {t.tgt.label} {_shape(t.tgt.shape)}"
+            )
+        for s in self.skipped:
+            lines.append(f"  skip {s.what}: {s.reason}")
+        return "\n".join(lines)
+
+
+def _shape(shape: tuple[int, int]) -> str:
+    return f"({shape[0]}x{shape[1]})"
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(xs):
+        start = x if start is None else start
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
+
+
+def plan_transfer(
+    inputs: Inputs, method: str, layer_map: str = "index", truncation_rank: int | None = 320
+) -> TransferPlan:
+    """Pair every adapted source role with its target role; check shapes; collect skips."""
+    meth = get_method(method)
+    if truncation_rank is not None and truncation_rank <= 0:
+        raise CrossLoraError(f"--truncation-rank must be positive, got {truncation_rank}")
+    src, tgt, adapter = inputs.src, inputs.tgt, inputs.adapter
+    lmap = map_layers(layer_map, src.num_layers, tgt.num_layers)
+    tasks: list[ModuleTask] = []
+    skipped: list[Skip] = []
+    foreign: list[str] = []
+    for name, mod in adapter.modules.items():
+        parsed = src.parse_module(name)
+        if parsed is None:
+            foreign.append(name)
+            continue
+        layer, suffix = parsed
+        refs = src.slot_roles(layer, suffix)
+        if not refs:
+            raise CrossLoraError(
+                f"adapter module {name}: the source model has no weight for it (wrong model?)"
+            )
+        slot = refs[0].slot
+        in_f = refs[0].shape[1]
+        if mod.shape != (slot.out_features, in_f):
+            raise CrossLoraError(
+                f"adapter does not fit the source model: {name} has ΔW shape {mod.shape}, "
+                f"the source weight is {(slot.out_features, in_f)}"
+            )
+        if mod.r > min(mod.shape):
+            raise CrossLoraError(
+                f"adapter module {name}: rank {mod.r} exceeds its matrix {mod.shape}"
+            )
+        for ref in refs:
+            what = f"{name}" + (f"[{ref.role}]" if len(slot.roles) > 1 else "")
+            if layer not in lmap.pairs:
+                skipped.append(
+                    Skip(what, f"source layer {layer} has no target layer ({lmap.kind} map)")
+                )
+                continue
+            tref = tgt.role(lmap.pairs[layer], ref.role)
+            if tref is None:
+                skipped.append(Skip(what, f"the target has no {ref.role!r} module"))
+                continue
+            reason = meth.check(ref.shape, tref.shape)
+            if reason:
+                skipped.append(Skip(what, f"{method} {reason}"))
+                continue
+            tasks.append(ModuleTask(ref, tref, name))
+    if foreign:
+        if len(foreign) == len(adapter.modules):
+            raise CrossLoraError(
+                f"none of the adapter's modules is a {src.family.name}-family module of the source "
+                f"model (first: {foreign[0]}); is target_modules/--source-model right?"
+            )
+        skipped.extend(
+            Skip(n, "not a q/k/v/o/gate/up/down module of the source family") for n in foreign
+        )
+    if not tasks:
+        first = f" (first: {skipped[0].what}: {skipped[0].reason})" if skipped else ""
+        raise CrossLoraError(f"nothing to transfer with method {method}{first}")
+    tasks.sort(key=lambda t: (t.src.layer, ROLES.index(t.src.role)))
+    return TransferPlan(method, lmap, truncation_rank, tasks, skipped)

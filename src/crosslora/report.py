@@ -1,0 +1,90 @@
+"""What a transfer did, for people and for tools: ``transfer_report.json`` and a model card."""
+
+from __future__ import annotations
+
+from crosslora import __version__
+from crosslora.execute import ModuleResult
+from crosslora.plan import Inputs, TransferPlan
+
+
+def build_report(
+    inputs: Inputs, plan: TransferPlan, results: list[ModuleResult], settings: dict, seconds: float
+) -> dict:
+    lm = plan.layer_map
+    modules = []
+    for res in results:
+        t = res.task
+        modules.append({
+            "layer": [t.src.layer, t.tgt.layer],
+            "role": t.src.role,
+            "source_key": t.adapter_module,
+            "target_key": t.tgt.slot.module,
+            "source_shape": list(t.src.shape),
+            "target_shape": list(t.tgt.shape),
+            "method": plan.method,
+            "seconds": round(res.seconds, 4),
+            "status": "skipped" if res.skipped else "transferred",
+            **({"reason": res.skipped} if res.skipped else {}),
+            "diagnostics": res.diagnostics,
+        })  # fmt: skip
+    transferred = sum(1 for r in results if r.skipped is None)
+    return {
+        "crosslora_version": __version__,
+        "method": plan.method,
+        "source_model": inputs.src_name,
+        "target_model": inputs.tgt_name,
+        "source_adapter": str(inputs.adapter.path),
+        "source_family": inputs.src.checkpoint.model_type,
+        "target_family": inputs.tgt.checkpoint.model_type,
+        "settings": settings,
+        "layer_map": {
+            "kind": lm.kind,
+            "source_layers": lm.src_layers,
+            "target_layers": lm.tgt_layers,
+            "pairs": {str(i): j for i, j in sorted(lm.pairs.items())},
+            "unmatched_source_layers": lm.unmatched_src,
+            "unmatched_target_layers": lm.unmatched_tgt,
+        },
+        "summary": {
+            "planned": len(plan.tasks),
+            "transferred": transferred,
+            "skipped_when_run": len(results) - transferred,
+            "skipped_when_planned": len(plan.skipped),
+            "seconds": round(seconds, 3),
+        },
+        "modules": modules,
+        "skipped": [{"module": s.what, "reason": s.reason} for s in plan.skipped],
+    }
+
+
+def model_card(report: dict) -> str:
+    s, lm = report["summary"], report["layer_map"]
+    skipped = s["skipped_when_run"] + s["skipped_when_planned"]
+    return f"""---
+base_model: {report["target_model"]}
+library_name: peft
+tags:
+- lora
+- crosslora
+---
+
+# LoRA adapter transferred with crosslora
+
+This adapter was **not trained** on `{report["target_model"]}`. It was transferred without data
+or training from an adapter for `{report["source_model"]}` (`{report["source_adapter"]}`) by
+crosslora {report["crosslora_version"]}, method `{report["method"]}`.
+
+- Layer map: `{lm["kind"]}`, {lm["source_layers"]} source -> {lm["target_layers"]} target layers,
+  {len(lm["pairs"])} matched.
+- Modules: {s["transferred"]} transferred, {skipped} skipped (reasons in `transfer_report.json`).
+
+How much of the source adapter's effect survives a transfer varies by pair and method; measure
+it on your task before relying on it (for example with `crosslora eval`).
+
+Load it as any PEFT adapter:
+
+```python
+from peft import PeftModel
+model = PeftModel.from_pretrained(base_model, "<this folder>")
+```
+"""

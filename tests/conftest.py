@@ -1,0 +1,149 @@
+"""Tiny random models of every supported family, built once per test session, and random PEFT
+adapters on them (made by ``peft`` itself, with B ≠ 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from peft import LoraConfig, get_peft_model
+
+COMMON = {"vocab_size": 96, "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+# name -> (config class, kwargs). Widths, depths and head layouts differ on purpose.
+TINY: dict[str, tuple[type, dict]] = {
+    "llama": (tf.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)),
+    "llama-twin": (tf.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)),
+    "llama-deep": (tf.LlamaConfig, dict(hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                                        num_attention_heads=6, num_key_value_heads=3)),
+    "mistral": (tf.MistralConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2": (tf.Qwen2Config, dict(hidden_size=40, intermediate_size=72, num_hidden_layers=3,
+                                   num_attention_heads=5, num_key_value_heads=1)),
+    "qwen3": (tf.Qwen3Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+    "gemma": (tf.GemmaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16)),
+    "gemma2": (tf.Gemma2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)),
+    "gemma3_text": (tf.Gemma3TextConfig, dict(hidden_size=48, intermediate_size=96,
+                                              num_hidden_layers=3, num_attention_heads=2,
+                                              num_key_value_heads=1, head_dim=24)),
+    "phi3": (tf.Phi3Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    "gpt2": (tf.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt_neox": (tf.GPTNeoXConfig, dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4)),
+}  # fmt: skip
+
+# PEFT target_modules per family: every q/k/v/o/gate/up/down module it has.
+ALL_MODULES = {
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(name: str, seed: int = 0) -> torch.nn.Module:
+    cls, kwargs = TINY[name]
+    extra = {
+        k: v
+        for k, v in COMMON.items()
+        if not (cls is tf.GPT2Config and k == "max_position_embeddings")
+    }
+    config = cls(**extra, **kwargs)
+    torch.manual_seed(seed + sum(map(ord, name)))
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random norms, so that norm handling is exercised
+        for pname, p in model.named_parameters():
+            if "norm" in pname or "ln_" in pname:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(name) -> Path``: a saved tiny random model of that family (cached)."""
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            path = tmp_path_factory.mktemp(f"model-{name}")
+            build_model(name).save_pretrained(path)
+            cache[name] = path
+        return cache[name]
+
+    return make
+
+
+def family_modules(name: str) -> list[str]:
+    return ALL_MODULES.get(TINY[name][0].model_type, LLAMA_MODULES)
+
+
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    target_modules: list[str] | str | None = None,
+    r: int = 4,
+    alpha: float = 8,
+    seed: int = 1,
+    **lora_kwargs,
+) -> Path:
+    """A random LoRA adapter (B ≠ 0) saved by PEFT itself."""
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model_type = model.config.model_type
+    modules = target_modules or ALL_MODULES.get(model_type, LLAMA_MODULES)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, init_lora_weights=False,
+                        fan_in_fan_out=model_type == "gpt2", **lora_kwargs)  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # PEFT's random init is small; make the update clearly visible
+        for pname, p in peft_model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory):
+    """``tiny_adapter(name, **kw) -> Path``: a random adapter on every module of the family."""
+    cache: dict[tuple, Path] = {}
+
+    def make(name: str, **kwargs) -> Path:
+        key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in cache:
+            cache[key] = make_adapter(tiny_model(name), tmp_path_factory.mktemp(f"adapter-{name}"),
+                                      **kwargs)  # fmt: skip
+        return cache[key]
+
+    return make
+
+
+def load_with_adapter(model_dir: Path, adapter_dir: Path | None):
+    from peft import PeftModel
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return PeftModel.from_pretrained(model, adapter_dir).eval() if adapter_dir else model
+
+
+def delta_weights(peft_model) -> dict[str, torch.Tensor]:
+    """ΔW of every LoRA module as PEFT itself applies it, (out, in) orientation."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            delta = module.get_delta_weight("default")
+            if module.fan_in_fan_out:
+                delta = delta.T
+            out[name.removeprefix("base_model.model.")] = delta.detach()
+    return out
+
+
+TOKENS = torch.tensor([[3, 17, 42, 8, 91, 5, 60, 33, 2, 71, 12, 49]])
