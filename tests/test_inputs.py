@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model, delta_weights, load_with_adapter, make_adapter
 from safetensors.torch import load_file, save_file
 
+from conftest import build_model, delta_weights, load_with_adapter, make_adapter
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
