@@ -66,15 +66,43 @@ def build_model(name: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+BYTE_LEVEL = {"qwen2", "qwen3", "gpt2", "gpt_neox"}  # model types with GPT-2-style token strings
+
+
+def build_tokenizer(name: str):
+    """A word-level tokenizer of 96 entries in the family's token-string convention.
+
+    SentencePiece-style families write a leading space as ``▁``, byte-level ones as ``Ġ``; the
+    byte-level ones also shuffle ids and swap a few words, so a shared vocabulary must be found
+    by text, not by id. ``*-twin`` models share their original's tokenizer.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model_type = TINY[name][0].model_type
+    words = [f"w{i}" for i in range(93)]
+    marker = "Ġ" if model_type in BYTE_LEVEL else "▁"
+    if model_type in BYTE_LEVEL:
+        g = torch.Generator().manual_seed(7)
+        words = [words[i] for i in torch.randperm(93, generator=g).tolist()]
+        words[:5] = [f"x{i}" for i in range(5)]  # not in the other vocabularies
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {marker + w: i + 3 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """``tiny_model(name) -> Path``: a saved tiny random model of that family (cached)."""
+    """``tiny_model(name) -> Path``: a saved tiny random model of that family, with a tokenizer."""
     cache: dict[str, Path] = {}
 
     def make(name: str) -> Path:
         if name not in cache:
             path = tmp_path_factory.mktemp(f"model-{name}")
             build_model(name).save_pretrained(path)
+            build_tokenizer(name).save_pretrained(path)
             cache[name] = path
         return cache[name]
 
@@ -92,6 +120,7 @@ def make_adapter(
     r: int = 4,
     alpha: float = 8,
     seed: int = 1,
+    b_std: float = 0.5,
     **lora_kwargs,
 ) -> Path:
     """A random LoRA adapter (B ≠ 0) saved by PEFT itself."""
@@ -105,7 +134,7 @@ def make_adapter(
     with torch.no_grad():  # PEFT's random init is small; make the update clearly visible
         for pname, p in peft_model.named_parameters():
             if "lora_B" in pname:
-                p.normal_(0, 0.5)
+                p.normal_(0, b_std)
     peft_model.save_pretrained(out)
     return out
 

@@ -83,8 +83,8 @@ CROSS_PAIRS = [
     ("gemma2", "mistral"),
 ]  # fmt: skip
 SAME_SHAPE_PAIRS = [("llama", "llama-twin"), ("mistral", "llama"), ("gemma", "gemma2")]
-CASES = [(s, t, m) for s, t in CROSS_PAIRS for m in ("cross-lora", "crop-pad")] + [
-    (s, t, m) for s, t in SAME_SHAPE_PAIRS for m in ("copy", "lora-x", "cross-lora", "crop-pad")
+CASES = [(s, t, m) for s, t in CROSS_PAIRS for m in ("anchored", "cross-lora", "crop-pad")] + [
+    (s, t, m) for s, t in SAME_SHAPE_PAIRS for m in ("copy", "lora-x", "anchored")
 ]
 
 

@@ -52,6 +52,7 @@ def execute(
     inputs: Inputs, plan: TransferPlan, device: torch.device, progress: bool = True
 ) -> list[ModuleResult]:
     method = get_method(plan.method)
+    plan.diagnostics.update(method.prepare(inputs.src, inputs.tgt, device))
     results = []
     bar = tqdm(plan.tasks, desc=f"transfer ({plan.method})", unit="module", disable=not progress)
     for task in bar:
@@ -64,6 +65,7 @@ def execute(
             task.src.shape, task.tgt.shape, device, plan.truncation_rank,
             _weight_loader(inputs.src, task.src, device),
             _weight_loader(inputs.tgt, task.tgt, device),
+            task.src, task.tgt, inputs.src, inputs.tgt,
         )  # fmt: skip
         try:
             out = method.transfer(lora.to(device), ctx)

@@ -63,6 +63,7 @@ class TransferPlan:
     truncation_rank: int | None
     tasks: list[ModuleTask]
     skipped: list[Skip] = field(default_factory=list)
+    diagnostics: dict = field(default_factory=dict)  # the method's, for the whole transfer
 
     def describe(self) -> str:
         """A human-readable plan: the layer map, every task with shapes, every skip."""
@@ -71,7 +72,7 @@ class TransferPlan:
             f"method: {self.method}"
             + (
                 f" (truncation rank {self.truncation_rank or 'full'})"
-                if self.method != "copy"
+                if get_method(self.method).truncates
                 else ""
             ),
             f"layer map: {lm.kind}, {lm.src_layers} source -> {lm.tgt_layers} target layers, "
@@ -108,10 +109,11 @@ def _ranges(xs: list[int]) -> str:
 
 
 def plan_transfer(
-    inputs: Inputs, method: str, layer_map: str = "index", truncation_rank: int | None = 320
+    inputs: Inputs, method: str, layer_map: str | None = None, truncation_rank: int | None = 320
 ) -> TransferPlan:
     """Pair every adapted source role with its target role; check shapes; collect skips."""
     meth = get_method(method)
+    layer_map = layer_map or meth.default_layer_map
     if truncation_rank is not None and truncation_rank <= 0:
         raise CrossLoraError(f"--truncation-rank must be positive, got {truncation_rank}")
     src, tgt, adapter = inputs.src, inputs.tgt, inputs.adapter

@@ -37,6 +37,7 @@ def build_report(
         "source_family": inputs.src.checkpoint.model_type,
         "target_family": inputs.tgt.checkpoint.model_type,
         "settings": settings,
+        "method_diagnostics": plan.diagnostics,
         "layer_map": {
             "kind": lm.kind,
             "source_layers": lm.src_layers,

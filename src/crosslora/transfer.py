@@ -26,7 +26,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class TransferOptions:
     method: str = "cross-lora"
-    layer_map: str = "index"
+    layer_map: str | None = None  # None: the method's default
     truncation_rank: int | None = 320  # None: full
     device: str = "auto"
     dtype: str | None = None  # None: the source adapter's dtype
@@ -34,14 +34,24 @@ class TransferOptions:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N an existing GPU), else one clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CrossLoraError(f"--device {name}: CUDA is not available on this machine")
     try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise CrossLoraError(f"--device {name}: {err}") from err
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise CrossLoraError(
+            f"--device {name}: not a device (choose auto, cpu, cuda or cuda:N)"
+        ) from err
+    if device.type not in ("cpu", "cuda"):
+        raise CrossLoraError(f"--device {name}: not supported (choose auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CrossLoraError(f"--device {name}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CrossLoraError(f"--device {name}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def transfer(
@@ -81,7 +91,9 @@ def run_plan(
     results = execute(inputs, plan, device, progress)
     modules = assemble(results)
     if not modules:
-        raise CrossLoraError("every module was skipped; nothing written (see warnings above)")
+        first = next((r for r in results if r.skipped), None)
+        why = f" (first: {first.task.src.label}: {first.skipped})" if first else ""
+        raise CrossLoraError(f"every module was skipped{why}; nothing written")
     seconds = time.perf_counter() - start
     settings = {**asdict(options), "device": str(device)}
     report = build_report(inputs, plan, results, settings, seconds)

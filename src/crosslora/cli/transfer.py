@@ -39,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-model", required=True, help="base model to transfer to")
     p.add_argument("--out-path", required=True, type=Path, help="output adapter folder")
     p.add_argument("--method", default="cross-lora", choices=sorted(METHODS))
-    p.add_argument("--layer-map", default="index", choices=LAYER_MAPS)
+    p.add_argument(
+        "--layer-map", choices=LAYER_MAPS,
+        help="index (layer i to i, the paper's) or depth (relative depth); default: the method's",
+    )  # fmt: skip
     p.add_argument(
         "--truncation-rank", type=truncation_rank, default=320, metavar="K",
         help="SVD components kept (default 320, as the paper; 'full' for complete bases)",

@@ -50,7 +50,7 @@ def read_json(path: Path, what: str) -> dict:
         raise CrossLoraError(f"{what}: {path} not found") from err
     except (OSError, UnicodeDecodeError) as err:
         raise CrossLoraError(f"{what}: cannot read {path}: {err}") from err
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5000-digit number, nesting
         raise CrossLoraError(f"{what}: {path} is not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise CrossLoraError(f"{what}: {path} must hold a JSON object")
@@ -68,6 +68,11 @@ class Checkpoint:
         self.path = resolve_local_or_hub(spec, what)
         self.config = read_json(self.path / "config.json", what)
         self.model_type = self.config.get("model_type")
+        if not isinstance(self.model_type, str):
+            raise CrossLoraError(
+                f"{what}: {self.path / 'config.json'} has no model_type string "
+                f"(got {self.model_type!r})"
+            )
         self._shards: dict[str, TensorFile] = {}
         self.weight_map = self._weight_map(what)
 

@@ -52,7 +52,7 @@ def pattern_key(patterns: dict[str, object], module: str) -> str | None:
         try:
             if re.match(rf"(.*\.)?({pattern})$", module):
                 return pattern
-        except re.error as err:
+        except (re.error, RecursionError, OverflowError) as err:
             raise CrossLoraError(f"adapter config: invalid pattern {pattern!r} ({err})") from err
     return None
 
@@ -132,27 +132,14 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
     (``adapter_model.bin``) load only with ``allow_pickle``, through ``weights_only=True``.
     """
     path = resolve_local_or_hub(spec, "adapter")
-    config = read_adapter_config(path / CONFIG_NAME)
-    r = _field(config, "r", int, 8)
-    lora_alpha = _field(config, "lora_alpha", (int, float), 8)
-    use_rslora = _field(config, "use_rslora", bool, False)
-    rank_pattern = _field(config, "rank_pattern", dict, {}) or {}
-    alpha_pattern = _field(config, "alpha_pattern", dict, {}) or {}
-    target_modules = _field(config, "target_modules", (list, str, type(None)), None)
-    if isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules):
-        raise CrossLoraError("adapter config: field 'target_modules' must list strings")
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as err:
-            raise CrossLoraError(f"adapter config: target_modules is not a regex ({err})") from err
-    layers = _field(config, "layers_to_transform", (int, list, type(None)), None)
-    if r <= 0:
-        raise CrossLoraError(f"adapter config: r must be positive, got {r}")
-    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        for key, value in pattern.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise CrossLoraError(f"adapter config: {name}[{key!r}] must be a positive number")
+    config = read_adapter_config(path / CONFIG_NAME)  # every field used below is validated there
+    r = config.get("r", 8)
+    lora_alpha = config.get("lora_alpha", 8)
+    use_rslora = config.get("use_rslora", False)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    target_modules = config.get("target_modules")
+    layers = config.get("layers_to_transform")
 
     tensors = _open_weights(path, allow_pickle)
     keys = tensors.keys() if isinstance(tensors, TensorFile) else list(tensors)
@@ -215,6 +202,10 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
 
 
 def read_adapter_config(path: Path) -> dict:
+    """Read ``adapter_config.json``; refuse what is unsupported; check every field we use.
+
+    Any problem is a ``CrossLoraError`` naming the file or the field.
+    """
     config = read_json(path, "adapter config")
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
@@ -225,7 +216,57 @@ def read_adapter_config(path: Path) -> dict:
         raise CrossLoraError("adapter config: DoRA adapters (use_dora=true) are not supported")
     if config.get("lora_bias"):
         raise CrossLoraError("adapter config: LoRA biases (lora_bias=true) are not supported")
+    _check_fields(config)
     return config
+
+
+_NUMBER = (int, float)
+
+
+def _check_fields(config: dict) -> None:
+    r = _field(config, "r", int, 8)
+    if r <= 0:
+        raise CrossLoraError(f"adapter config: r must be positive, got {r}")
+    _finite(_field(config, "lora_alpha", _NUMBER, 8), "lora_alpha")
+    _field(config, "use_rslora", bool, False)
+    _field(config, "fan_in_fan_out", bool, False)
+    dropout = _field(config, "lora_dropout", (*_NUMBER, type(None)), None)
+    if dropout is not None and not 0 <= _finite(dropout, "lora_dropout") < 1:
+        raise CrossLoraError(f"adapter config: lora_dropout must be in [0, 1), got {dropout!r}")
+    _field(config, "task_type", (str, type(None)), None)
+    _field(config, "base_model_name_or_path", (str, type(None)), None)
+    _field(config, "modules_to_save", (list, type(None)), None)
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = _field(config, name, (dict, type(None)), None) or {}
+        for key, value in pattern.items():
+            ok_type = int if name == "rank_pattern" else _NUMBER
+            if isinstance(value, bool) or not isinstance(value, ok_type) or value <= 0:
+                kind = "a positive integer" if name == "rank_pattern" else "a positive number"
+                raise CrossLoraError(f"adapter config: {name}[{key!r}] must be {kind}")
+            _finite(value, f"{name}[{key!r}]")
+    target_modules = _field(config, "target_modules", (list, str, type(None)), None)
+    if isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules):
+        raise CrossLoraError("adapter config: field 'target_modules' must list strings")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except (re.error, RecursionError, OverflowError) as err:
+            raise CrossLoraError(f"adapter config: target_modules is not a regex ({err})") from err
+    layers = _field(config, "layers_to_transform", (int, list, type(None)), None)
+    if isinstance(layers, list) and not all(
+        type(x) is int and x >= 0 for x in layers
+    ):  # fmt: skip
+        raise CrossLoraError("adapter config: field 'layers_to_transform' must list layer indices")
+
+
+def _finite(value: object, name: str) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise CrossLoraError(f"adapter config: {name} must be a finite number, got {value!r}")
+    return number
 
 
 def _refuse_unsupported(key: str) -> None:
@@ -251,14 +292,24 @@ def _open_weights(path: Path, allow_pickle: bool) -> TensorFile | dict[str, torc
             )
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CrossLoraError(f"adapter {pickled}: cannot load ({err})") from err
+        except Exception as err:  # the unpickler refused it, or it is not a torch file at all
+            raise CrossLoraError(
+                f"adapter {pickled}: cannot load with weights_only=True ({_load_reason(err)})"
+            ) from err
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
             raise CrossLoraError(f"adapter {pickled}: not a dict of tensors")
         return state
     raise CrossLoraError(f"adapter {path}: no {WEIGHTS_NAME} found")
+
+
+def _load_reason(err: Exception) -> str:
+    """The gist of a ``torch.load`` failure, on one line (its messages run to a page)."""
+    text = str(err)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+    reason = m[1] if m else (text.strip().splitlines() or [type(err).__name__])[0]
+    return " ".join(reason.split())[:300]
 
 
 def _shape(tensors: TensorFile | dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
@@ -333,8 +384,14 @@ def write_adapter(
             rank_pattern[module] = f.r
         if f.scale != lora_scale(lora_alpha, f.r, use_rslora):
             alpha_pattern[module] = alpha_for_scale(f.scale, f.r, use_rslora)
-        tensors[lora_key(module, "A")] = f.A.to(dtype=dtype, copy=True).contiguous()
-        tensors[lora_key(module, "B")] = f.B.to(dtype=dtype, copy=True).contiguous()
+        for which, factor in (("A", f.A), ("B", f.B)):
+            tensor = factor.to(dtype=dtype, copy=True).contiguous()
+            if not torch.isfinite(tensor).all():
+                raise CrossLoraError(
+                    f"module {module}: lora_{which} does not fit in {str(dtype).split('.')[-1]} "
+                    "(NaN or Inf after conversion; try --dtype float32)"
+                )
+            tensors[lora_key(module, which)] = tensor
     log.debug("global scale %.6g; %d rank / %d alpha pattern entries", global_scale,
               len(rank_pattern), len(alpha_pattern))  # fmt: skip
     layer_fields = dict(selection)
@@ -353,5 +410,13 @@ def write_adapter(
         **(extra or {}),
     )
     config.save_pretrained(str(folder))
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
+    try:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
+    except OSError:
+        raise
+    except Exception as err:  # safetensors wraps I/O errors (a full disk) in its own type
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code:  # the caller reports an OSError against the output path, in one line
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from err
+        raise CrossLoraError(f"cannot write {WEIGHTS_NAME}: {err}") from err
     return read_json(folder / CONFIG_NAME, "written adapter config")

@@ -62,7 +62,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise CrossLoraError(f"{path}: cannot read: {err.strerror or err}") from err
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, absurd nesting or numbers
         raise CrossLoraError(f"{path}: corrupt safetensors header (not JSON: {err})") from err
     if not isinstance(header, dict):
         raise CrossLoraError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -87,7 +87,7 @@ def _check_entry(path: Path, name: str, entry: object, data_size: int) -> Tensor
     if not isinstance(entry, dict):
         raise bad("is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise bad(f"has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"has invalid shape {shape!r}")

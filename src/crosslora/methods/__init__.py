@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crosslora.errors import CrossLoraError
-from crosslora.methods import copy, crop_pad, cross_lora, lora_x  # noqa: F401  (registration)
+from crosslora.methods import anchored, copy, crop_pad, cross_lora, lora_x  # noqa: F401 (registry)
 from crosslora.methods.base import METHODS, Method, MethodOutput, ModuleContext, Unsupported
 
 __all__ = ["METHODS", "Method", "MethodOutput", "ModuleContext", "Unsupported", "get_method"]

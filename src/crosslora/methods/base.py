@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from crosslora.lora import LoraFactors
+
+if TYPE_CHECKING:
+    from crosslora.arch.layout import Layout, RoleRef
 
 
 class Unsupported(Exception):
@@ -30,6 +33,10 @@ class ModuleContext:
     truncation_rank: int | None  # None: full (complete bases)
     load_src_weight: Callable[[], torch.Tensor]
     load_tgt_weight: Callable[[], torch.Tensor]
+    src: RoleRef | None = None  # where the role lives in each model (for methods that need more
+    tgt: RoleRef | None = None  # than the two weights: norms, sibling modules, embeddings)
+    src_layout: Layout | None = None
+    tgt_layout: Layout | None = None
     _cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def src_weight(self) -> torch.Tensor:
@@ -55,6 +62,15 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_weights: ClassVar[bool] = False
+    default_layer_map: ClassVar[str] = "index"
+    truncates: ClassVar[bool] = False  # whether --truncation-rank applies
+
+    def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
+        """Work shared by all modules (e.g. residual-stream maps), before the first one.
+
+        Returns diagnostics for the transfer report. Default: nothing to do.
+        """
+        return {}
 
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:
         """Why this method cannot handle these (out, in) shapes, or None. Called when planning."""

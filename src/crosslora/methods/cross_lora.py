@@ -31,6 +31,7 @@ class CrossLora(Method):
     name = "cross-lora"
     summary = "Cross-LoRA: rank-order SVD subspace alignment, then projection (arXiv 2508.05232)"
     needs_weights = True
+    truncates = True
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
         (m, n), (mt, nt) = ctx.src_shape, ctx.tgt_shape

@@ -18,6 +18,7 @@ class LoraX(Method):
     name = "lora-x"
     summary = "LoRA-X: project onto the target's top-k singular subspaces (equal shapes only)"
     needs_weights = True
+    truncates = True
 
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:
         return same_shapes(src_shape, tgt_shape)

@@ -1,0 +1,1 @@
+"""Anchoring two models' spaces in what they share: the vocabulary, and the base weights."""

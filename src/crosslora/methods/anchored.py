@@ -1,0 +1,172 @@
+"""``anchored``: map every module's input and output space between the two models, anchoring
+the residual stream in the shared vocabulary and each internal space in the base weights.
+
+Per layer pair, in effective coordinates (norm gains folded in, see ``anchor.spaces``), with
+``R`` (d_s × d_t) mapping target residual coordinates to source ones and ``Q`` (d_t × d_s) the
+reverse:
+
+- q, k, v (read the residual, write a head space):
+  ``T = W̃_t (W̃_s R)⁺``, ``A_t = A_s diag(g_s) R diag(g_t)⁻¹``, ``B_t = T B_s``;
+- o (reads the attention output, writes the residual):
+  ``T_in = (Q W̃_s)⁺ W̃_t``, ``A_t = A_s T_in``, ``B_t = diag(p_t)⁻¹ Q diag(p_s) B_s``;
+- gate, up, down share the MLP intermediate space, which one weight alone cannot pin down (it is
+  wider than the residual). Its map ``N`` (I_t × I_s) is fitted once per layer pair from every
+  weight that touches it: each neuron's gate row, up row and down column, all in target residual
+  coordinates, each block scaled to unit norm per model, stacked into a signature;
+  ``N = F_t F_s⁺``. Then ``B_t = N B_s`` for gate and up,
+  and ``A_t = A_s Nᵀ`` for down (the least-squares map for the columns, ``(F_sᵀ)⁺ F_tᵀ``).
+
+Pseudo-inverses are rank-truncated and computed in float64. Exact on function-preserving twins
+(rotated, permuted, zero-widened): the maps then recover the rotation and permutations.
+
+Magnitude: each module's update is rescaled so that ``‖ΔW̃‖ / ‖W̃‖`` on the target equals its
+value on the source (``calibration`` in the report). On twins this factor is 1; on real pairs it
+keeps an arbitrary residual-stream scale (Gemma's √d embeddings, large norm gains) from wrecking
+the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crosslora.anchor.spaces import (
+    ResidualMaps,
+    fit_residual_maps,
+    norm_gain,
+    pinv,
+    rel_residual,
+    safe_inverse,
+)
+from crosslora.anchor.vocab import load_tokenizer, shared_vocab
+from crosslora.arch.layout import ROLE_SPACES, Layout
+from crosslora.lora import LoraFactors
+from crosslora.methods.base import Method, MethodOutput, ModuleContext, Unsupported, register
+
+RCOND = 1e-4  # internal maps: singular values below RCOND · σ_max are dropped
+IN_NORM = {
+    "q": "attn_norm",
+    "k": "attn_norm",
+    "v": "attn_norm",
+    "gate": "mlp_norm",
+    "up": "mlp_norm",
+}
+POST_NORM = {"o": "post_attn_norm", "down": "post_mlp_norm"}
+
+
+def _frob(x: torch.Tensor) -> float:
+    return float(x.norm())
+
+
+@register
+class Anchored(Method):
+    name = "anchored"
+    summary = "map each space between the models, anchored in the shared vocabulary (METHOD §3)"
+    needs_weights = True
+    default_layer_map = "depth"
+
+    def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
+        vocab = shared_vocab(
+            load_tokenizer(src.checkpoint.path, "source model"),
+            load_tokenizer(tgt.checkpoint.path, "target model"),
+        )
+        self.maps: ResidualMaps = fit_residual_maps(src, tgt, vocab.src_ids, vocab.tgt_ids)
+        self.device = device
+        self._mlp: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
+        return {
+            "source_vocab": vocab.src_size,
+            "target_vocab": vocab.tgt_size,
+            **self.maps.diagnostics,
+        }
+
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+        assert ctx.src and ctx.tgt and ctx.src_layout and ctx.tgt_layout
+        src, tgt, role = ctx.src_layout, ctx.tgt_layout, ctx.src.role
+        ls, lt = ctx.src.layer, ctx.tgt.layer
+        R, Q = (m.to(self.device) for m in self.maps.at(ls / max(src.num_layers - 1, 1)))
+        A, B = lora.A.to(self.device, torch.float64), lora.B.to(self.device, torch.float64)
+        w_s = ctx.src_weight().to(self.device, torch.float64)
+        w_t = ctx.tgt_weight().to(self.device, torch.float64)
+
+        if ROLE_SPACES[role][0] == "residual":  # q k v gate up: the input side is the residual
+            g_s, g_t = self._gain(src, IN_NORM[role], ls), self._gain(tgt, IN_NORM[role], lt)
+            ew_s, ew_t = w_s * g_s, w_t * g_t
+            a_eff = (A * g_s) @ R  # (r, d_t), acting on the target's normalised residual
+            if role in ("gate", "up"):
+                T, fit = self._neuron_map(ctx, R, Q)
+            else:
+                T = ew_t @ pinv(ew_s @ R, RCOND)
+                fit = rel_residual(T @ ew_s @ R, ew_t)
+            b_t = T @ B
+            ratio_s = _frob_factored(B, A * g_s) / _frob(ew_s)
+            delta_t = _frob_factored(b_t, a_eff)
+            a_t = a_eff * safe_inverse(g_t)
+        else:  # o down: the output side is the residual
+            p_s, p_t = self._gain(src, POST_NORM[role], ls), self._gain(tgt, POST_NORM[role], lt)
+            ew_s, ew_t = p_s[:, None] * w_s, p_t[:, None] * w_t
+            b_eff = Q @ (p_s[:, None] * B)  # (d_t, r), in the target's residual
+            if role == "down":
+                N, fit = self._neuron_map(ctx, R, Q)
+                T_in = N.mT
+            else:
+                T_in = pinv(Q @ ew_s, RCOND) @ ew_t
+                fit = rel_residual(Q @ ew_s @ T_in, ew_t)
+            a_t = A @ T_in
+            ratio_s = _frob_factored(p_s[:, None] * B, A) / _frob(ew_s)
+            delta_t = _frob_factored(b_eff, a_t)
+            b_t = safe_inverse(p_t)[:, None] * b_eff
+        if delta_t <= 0 or not torch.isfinite(torch.tensor(delta_t)):
+            raise Unsupported("the mapped update vanished (the maps have no overlap with it)")
+        calibration = ratio_s * _frob(ew_t) / delta_t
+        out = LoraFactors(a_t.float(), (b_t * calibration).float(), lora.scale)
+        return MethodOutput(
+            out,
+            {"fit_residual": round(fit, 6), "calibration": round(calibration, 6),
+             "relative_update": round(ratio_s, 6)},
+        )  # fmt: skip
+
+    def _gain(self, layout: Layout, field: str, layer: int) -> torch.Tensor:
+        """Effective norm gain for a role (ones where the family has no such norm)."""
+        dim = layout.dims.hidden
+        g = norm_gain(layout, field, layer)
+        return (torch.ones(dim, dtype=torch.float64) if g is None else g).to(self.device)
+
+    def _neuron_map(self, ctx: ModuleContext, R: torch.Tensor, Q: torch.Tensor):
+        """``N`` (I_t × I_s) for the layer pair's MLP intermediate space, and its fit residual."""
+        key = (ctx.src.layer, ctx.tgt.layer)
+        if key not in self._mlp:
+            self._mlp = {key: self._fit_neuron_map(ctx, R, Q)}  # one layer pair at a time
+        return self._mlp[key]
+
+    def _signature(self, layout: Layout, layer: int, to_tgt_in, to_tgt_out) -> list[torch.Tensor]:
+        """Per-neuron blocks [gate row, up row, down column], each in target residual coords."""
+        blocks = []
+        for role in ("gate", "up", "down"):
+            ref = layout.role(layer, role)
+            if ref is None:
+                continue
+            w = layout.weight(ref, self.device).double()
+            if role == "down":
+                w = self._gain(layout, POST_NORM[role], layer)[:, None] * w
+                blocks.append(to_tgt_out(w).mT)  # (I, d_t)
+            else:
+                w = w * self._gain(layout, IN_NORM[role], layer)
+                blocks.append(to_tgt_in(w))  # (I, d_t)
+        return blocks
+
+    def _fit_neuron_map(self, ctx: ModuleContext, R: torch.Tensor, Q: torch.Tensor):
+        src, tgt = ctx.src_layout, ctx.tgt_layout
+        f_s = self._signature(src, ctx.src.layer, lambda w: w @ R, lambda w: Q @ w)
+        f_t = self._signature(tgt, ctx.tgt.layer, lambda w: w, lambda w: w)
+        if len(f_s) != len(f_t):
+            raise Unsupported("the two MLPs have different kinds of weights (gated vs not)")
+        # each block at unit norm on each side: a block's overall scale (the gate rows', say) is a
+        # property of the model, not of the neuron correspondence
+        f_s = torch.cat([b / b.norm().clamp_min(1e-30) for b in f_s], dim=1)
+        f_t = torch.cat([b / b.norm().clamp_min(1e-30) for b in f_t], dim=1)
+        N = f_t @ pinv(f_s, RCOND)
+        return N, rel_residual(N @ f_s, f_t)
+
+
+def _frob_factored(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B A‖_F without forming B A."""
+    return LoraFactors(A, B, 1.0).frobenius()
