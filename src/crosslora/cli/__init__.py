@@ -16,7 +16,7 @@ from crosslora import __version__
 from crosslora.errors import CrossLoraError
 
 # Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("transfer", "models")
+SUBCOMMANDS = ("transfer", "inspect", "models")
 
 log = logging.getLogger("crosslora")
 

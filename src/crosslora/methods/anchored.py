@@ -27,6 +27,8 @@ the target.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from crosslora.anchor.spaces import (
@@ -78,49 +80,48 @@ class Anchored(Method):
             **self.maps.diagnostics,
         }
 
-    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+    def module_maps(self, ctx: ModuleContext) -> ModuleMaps:
+        """The maps for one (source role, target role) pair; no adapter needed."""
         assert ctx.src and ctx.tgt and ctx.src_layout and ctx.tgt_layout
         src, tgt, role = ctx.src_layout, ctx.tgt_layout, ctx.src.role
         ls, lt = ctx.src.layer, ctx.tgt.layer
         R, Q = (m.to(self.device) for m in self.maps.at(ls / max(src.num_layers - 1, 1)))
-        A, B = lora.A.to(self.device, torch.float64), lora.B.to(self.device, torch.float64)
         w_s = ctx.src_weight().to(self.device, torch.float64)
         w_t = ctx.tgt_weight().to(self.device, torch.float64)
-
         if ROLE_SPACES[role][0] == "residual":  # q k v gate up: the input side is the residual
             g_s, g_t = self._gain(src, IN_NORM[role], ls), self._gain(tgt, IN_NORM[role], lt)
             ew_s, ew_t = w_s * g_s, w_t * g_t
-            a_eff = (A * g_s) @ R  # (r, d_t), acting on the target's normalised residual
             if role in ("gate", "up"):
                 T, fit = self._neuron_map(ctx, R, Q)
             else:
                 T = ew_t @ pinv(ew_s @ R, RCOND)
                 fit = rel_residual(T @ ew_s @ R, ew_t)
-            b_t = T @ B
-            ratio_s = _frob_factored(B, A * g_s) / _frob(ew_s)
-            delta_t = _frob_factored(b_t, a_eff)
-            a_t = a_eff * safe_inverse(g_t)
-        else:  # o down: the output side is the residual
-            p_s, p_t = self._gain(src, POST_NORM[role], ls), self._gain(tgt, POST_NORM[role], lt)
-            ew_s, ew_t = p_s[:, None] * w_s, p_t[:, None] * w_t
-            b_eff = Q @ (p_s[:, None] * B)  # (d_t, r), in the target's residual
-            if role == "down":
-                N, fit = self._neuron_map(ctx, R, Q)
-                T_in = N.mT
-            else:
-                T_in = pinv(Q @ ew_s, RCOND) @ ew_t
-                fit = rel_residual(Q @ ew_s @ T_in, ew_t)
-            a_t = A @ T_in
-            ratio_s = _frob_factored(p_s[:, None] * B, A) / _frob(ew_s)
-            delta_t = _frob_factored(b_eff, a_t)
-            b_t = safe_inverse(p_t)[:, None] * b_eff
-        if delta_t <= 0 or not torch.isfinite(torch.tensor(delta_t)):
+            in_map = (g_s[:, None] * R) * safe_inverse(g_t)
+            return ModuleMaps(T, in_map, fit, (None, g_s), (None, g_t), _frob(ew_s), _frob(ew_t))
+        p_s, p_t = self._gain(src, POST_NORM[role], ls), self._gain(tgt, POST_NORM[role], lt)
+        ew_s, ew_t = p_s[:, None] * w_s, p_t[:, None] * w_t
+        if role == "down":
+            N, fit = self._neuron_map(ctx, R, Q)
+            T_in = N.mT
+        else:
+            T_in = pinv(Q @ ew_s, RCOND) @ ew_t
+            fit = rel_residual(Q @ ew_s @ T_in, ew_t)
+        out_map = safe_inverse(p_t)[:, None] * Q * p_s
+        return ModuleMaps(out_map, T_in, fit, (p_s, None), (p_t, None), _frob(ew_s), _frob(ew_t))
+
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+        maps = self.module_maps(ctx)
+        A, B = lora.A.to(self.device, torch.float64), lora.B.to(self.device, torch.float64)
+        a_t, b_t = A @ maps.in_map, maps.out_map @ B
+        ratio_s = _effective_norm(B, A, maps.src_gains) / maps.src_weight_norm
+        delta_t = _effective_norm(b_t, a_t, maps.tgt_gains)
+        if not delta_t > 0 or delta_t == float("inf"):
             raise Unsupported("the mapped update vanished (the maps have no overlap with it)")
-        calibration = ratio_s * _frob(ew_t) / delta_t
+        calibration = ratio_s * maps.tgt_weight_norm / delta_t
         out = LoraFactors(a_t.float(), (b_t * calibration).float(), lora.scale)
         return MethodOutput(
             out,
-            {"fit_residual": round(fit, 6), "calibration": round(calibration, 6),
+            {"fit_residual": round(maps.fit, 6), "calibration": round(calibration, 6),
              "relative_update": round(ratio_s, 6)},
         )  # fmt: skip
 
@@ -167,6 +168,26 @@ class Anchored(Method):
         return N, rel_residual(N @ f_s, f_t)
 
 
-def _frob_factored(B: torch.Tensor, A: torch.Tensor) -> float:
-    """‖B A‖_F without forming B A."""
+def _effective_norm(B: torch.Tensor, A: torch.Tensor, gains: tuple) -> float:
+    """‖diag(out) B A diag(in)‖_F without forming B A (a gain of None is all ones)."""
+    out, inp = gains
+    B = B if out is None else out[:, None] * B
+    A = A if inp is None else A * inp
     return LoraFactors(A, B, 1.0).frobenius()
+
+
+@dataclass
+class ModuleMaps:
+    """``ΔW_t = out_map ΔW_s in_map`` before calibration, in the models' own coordinates.
+
+    ``*_gains`` are the (output, input) norm gains that give effective coordinates,
+    ``ΔW̃ = diag(out) ΔW diag(in)``; ``*_weight_norm`` are ‖W̃‖ of the two base weights.
+    """
+
+    out_map: torch.Tensor  # (m_t, m_s)
+    in_map: torch.Tensor  # (n_s, n_t)
+    fit: float  # relative residual of the target weight explained by the mapped source weight
+    src_gains: tuple[torch.Tensor | None, torch.Tensor | None]
+    tgt_gains: tuple[torch.Tensor | None, torch.Tensor | None]
+    src_weight_norm: float
+    tgt_weight_norm: float

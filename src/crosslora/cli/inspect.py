@@ -1,0 +1,43 @@
+"""``crosslora inspect SOURCE TARGET``: what the alignment sees, before a transfer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from crosslora.cli import add_verbosity
+from crosslora.layer_map import LAYER_MAPS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show how well two base models align (layer map, shared vocabulary, per module)",
+        description="Anchor the two models' spaces as the anchored method does and report, per "
+        "layer pair and module, how much of the target weight the mapped source weight explains.",
+    )
+    p.add_argument("source_model", help="base model the adapter was trained on")
+    p.add_argument("target_model", help="base model to transfer to")
+    p.add_argument("--layer-map", default="depth", choices=LAYER_MAPS)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--png", type=Path, help="write a heatmap of alignment quality")
+    p.add_argument("--json", type=Path, help="write the full result as JSON")
+    add_verbosity(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from crosslora.inspect import format_summary, inspect_pair, plot_heatmap
+    from crosslora.transfer import resolve_device
+
+    device = resolve_device(args.device)
+    result = inspect_pair(args.source_model, args.target_model, args.layer_map, device,
+                          progress=not args.quiet)  # fmt: skip
+    print(format_summary(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.png:
+        plot_heatmap(result, args.png)
+        print(f"heatmap: {args.png}")
+    return 0
