@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslora.arch.layout import ROLES, Layout
+from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
 from crosslora.layer_map import map_layers
 from crosslora.methods.anchored import Anchored
@@ -88,7 +89,10 @@ def format_summary(result: dict) -> str:
 
 
 def plot_heatmap(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise CrossLoraError("--png needs matplotlib: pip install 'crosslora[plot]'") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
