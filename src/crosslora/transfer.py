@@ -15,6 +15,7 @@ from crosslora.errors import CrossLoraError
 from crosslora.execute import assemble, execute
 from crosslora.io.output import check_output_path, staged_folder
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
+from crosslora.methods import DEFAULT_METHOD
 from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve
 from crosslora.report import build_report, model_card
 
@@ -25,7 +26,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class TransferOptions:
-    method: str = "cross-lora"
+    method: str = DEFAULT_METHOD
     layer_map: str | None = None  # None: the method's default
     truncation_rank: int | None = 320  # None: full
     device: str = "auto"

@@ -1,16 +1,21 @@
 """``crosslora`` command line: one entry point, one module per subcommand.
 
 Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
-``func(args) -> int``. User errors (``CrossLoraError``) print one line and exit 2; a traceback is
-shown only with ``-v``.
+``func(args) -> int``. User errors (``CrossLoraError``, and bad command lines) print one line,
+``crosslora: error: ...``, and exit 2; a traceback is shown only with ``-v``. Ctrl-C and SIGTERM
+exit 130 and 143; the output is staged, so nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import re
+import signal
 import sys
+from collections.abc import Iterator
 
 from crosslora import __version__
 from crosslora.errors import CrossLoraError
@@ -21,8 +26,26 @@ SUBCOMMANDS = ("transfer", "inspect", "models")
 log = logging.getLogger("crosslora")
 
 
+class UsageError(CrossLoraError):
+    """A bad command line (unknown option, invalid value): reported like any user error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` that reports a bad command line in one line instead of usage + exit.
+
+    Subparsers inherit the class, so every subcommand's errors come through here too.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that staged output is cleaned up on the way out."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="crosslora",
         description="Transfer LoRA adapters between base LLMs without data or training.",
     )
@@ -40,35 +63,78 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-v", "--verbose", action="store_true", help="debug output, tracebacks")
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """Writes around an active tqdm progress bar, so a warning never shares the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        if not getattr(tqdm, "_instances", None):
+            return super().emit(record)
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging does: never let a log line break the run
+            self.handleError(record)
+
+
 def configure_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BarAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
-    configure_logging(quiet, verbose)
+def one_line(err: BaseException) -> str:
+    """The error's message on a single line (embedded newlines from libraries folded)."""
+    text = re.sub(r"\s*\n\s*", " ", str(err).strip())
+    return text or type(err).__name__
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While running a command, SIGTERM raises ``Terminated`` (main thread only)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
     try:
-        return int(args.func(args) or 0)
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    verbose = False
+    try:
+        args = build_parser().parse_args(argv)
+        quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+        configure_logging(quiet, verbose)
+        with sigterm_raises():
+            return int(args.func(args) or 0)
     except CrossLoraError as err:
         if verbose:
             log.exception("crosslora: error")
-        print(f"crosslora: error: {err}", file=sys.stderr)
+        print(f"crosslora: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("crosslora: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("crosslora: terminated; nothing was written", file=sys.stderr)
+        return 143
     except Exception as err:  # a bug, not a user error: say so in one line unless -v
         if verbose:
             raise
         print(
-            f"crosslora: internal error: {type(err).__name__}: {err} (rerun with -v for details)",
+            f"crosslora: internal error: {type(err).__name__}: {one_line(err)} "
+            "(rerun with -v for details)",
             file=sys.stderr,
         )
         return 1

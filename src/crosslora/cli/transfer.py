@@ -8,7 +8,7 @@ from pathlib import Path
 from crosslora.cli import add_verbosity
 from crosslora.io.output import check_output_path
 from crosslora.layer_map import LAYER_MAPS
-from crosslora.methods import METHODS
+from crosslora.methods import DEFAULT_METHOD, METHODS
 from crosslora.plan import plan_transfer, resolve
 from crosslora.transfer import TransferOptions, resolve_device, run_plan
 
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--source-model", required=True, help="base model the adapter was trained on")
     p.add_argument("--target-model", required=True, help="base model to transfer to")
     p.add_argument("--out-path", required=True, type=Path, help="output adapter folder")
-    p.add_argument("--method", default="cross-lora", choices=sorted(METHODS))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     p.add_argument(
         "--layer-map", choices=LAYER_MAPS,
         help="index (layer i to i, the paper's) or depth (relative depth); default: the method's",

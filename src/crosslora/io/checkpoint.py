@@ -25,7 +25,7 @@ def resolve_local_or_hub(spec: str | os.PathLike[str], what: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CrossLoraError(f"{what} {path} is a file; expected a model folder")
+            raise CrossLoraError(f"{what} {path} is a file; expected a folder")
         return path
     text = str(spec)
     if text.startswith((".", "/", "~")) or not HUB_ID.match(text) or text.count("/") > 1:
@@ -75,6 +75,15 @@ class Checkpoint:
             )
         self._shards: dict[str, TensorFile] = {}
         self.weight_map = self._weight_map(what)
+        # every layer has at least one tensor: a larger layer count is a lying config (and would
+        # make a layout walk billions of layers)
+        for key in ("num_hidden_layers", "n_layer"):
+            layers = self.config.get(key)
+            if type(layers) is int and layers > len(self.weight_map):
+                raise CrossLoraError(
+                    f"{what}: {self.path / 'config.json'} says {key}={layers}, but the checkpoint "
+                    f"has only {len(self.weight_map)} tensors"
+                )
 
     def _weight_map(self, what: str) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -82,6 +91,8 @@ class Checkpoint:
             weight_map = read_json(index, what).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CrossLoraError(f"{what}: {index} has no weight_map")
+            if not all(isinstance(v, str) for v in weight_map.values()):
+                raise CrossLoraError(f"{what}: {index}: weight_map must map names to file names")
             for shard in sorted(set(weight_map.values())):
                 self._open(shard)
             for name, shard in weight_map.items():

@@ -305,10 +305,17 @@ def _open_weights(path: Path, allow_pickle: bool) -> TensorFile | dict[str, torc
 
 
 def _load_reason(err: Exception) -> str:
-    """The gist of a ``torch.load`` failure, on one line (its messages run to a page)."""
+    """The gist of a ``torch.load`` failure, on one line (its messages run to a page of advice,
+    including to retry with ``weights_only=False``, which is exactly what we must not do)."""
     text = str(err)
     m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
-    reason = m[1] if m else (text.strip().splitlines() or [type(err).__name__])[0]
+    if m:
+        reason = m[1]
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        boilerplate = re.compile(r"Weights only load failed|Check the documentation|\(\d\)|Please")
+        useful = [line for line in lines if not boilerplate.match(line)]
+        reason = (useful or lines or [type(err).__name__])[0]
     return " ".join(reason.split())[:300]
 
 

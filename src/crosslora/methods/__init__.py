@@ -6,7 +6,18 @@ from crosslora.errors import CrossLoraError
 from crosslora.methods import anchored, copy, crop_pad, cross_lora, lora_x  # noqa: F401 (registry)
 from crosslora.methods.base import METHODS, Method, MethodOutput, ModuleContext, Unsupported
 
-__all__ = ["METHODS", "Method", "MethodOutput", "ModuleContext", "Unsupported", "get_method"]
+# The method `crosslora transfer` uses unless told otherwise.
+DEFAULT_METHOD = "cross-lora"
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "MethodOutput",
+    "ModuleContext",
+    "Unsupported",
+    "get_method",
+]
 
 
 def get_method(name: str) -> Method:
