@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from crosslora.arch.layout import Layout, RoleRef, Slot
 from crosslora.lora import LoraFactors
-from crosslora.methods import ModuleContext, Unsupported, get_method
+from crosslora.methods import Method, ModuleContext, Unsupported, get_method
 from crosslora.plan import Inputs, ModuleTask, TransferPlan
 
 log = logging.getLogger("crosslora")
@@ -55,34 +56,37 @@ def execute(
     plan.diagnostics.update(method.prepare(inputs.src, inputs.tgt, device))
     results = []
     bar = tqdm(plan.tasks, desc=f"transfer ({plan.method})", unit="module", disable=not progress)
-    for task in bar:
-        start = time.perf_counter()
-        lora = source_factors(inputs, task)
-        if not lora.is_finite():
-            results.append(_skip(task, "the adapter's factors contain NaN or Inf"))
-            continue
-        ctx = ModuleContext(
-            task.src.shape, task.tgt.shape, device, plan.truncation_rank,
-            _weight_loader(inputs.src, task.src, device),
-            _weight_loader(inputs.tgt, task.tgt, device),
-            task.src, task.tgt, inputs.src, inputs.tgt,
-        )  # fmt: skip
-        try:
-            out = method.transfer(lora.to(device), ctx)
-        except Unsupported as why:
-            results.append(_skip(task, str(why)))
-            continue
-        factors = out.factors
-        if factors.shape != task.tgt.shape or factors.r > lora.r:
-            raise AssertionError(
-                f"{plan.method} returned {factors.shape} r={factors.r} for {task.tgt}"
-            )
-        if not factors.is_finite():
-            results.append(_skip(task, f"{plan.method} produced NaN or Inf"))
-            continue
-        seconds = time.perf_counter() - start
-        results.append(ModuleResult(task, factors.to("cpu"), out.diagnostics, seconds))
+    with logging_redirect_tqdm(loggers=[log]):  # warnings on their own lines, not on the bar's
+        for task in bar:
+            results.append(_run_task(inputs, method, task, plan, device))
     return results
+
+
+def _run_task(
+    inputs: Inputs, method: Method, task: ModuleTask, plan: TransferPlan, device: torch.device
+) -> ModuleResult:
+    """One task: the source factors, the method, the checks on what it returned."""
+    start = time.perf_counter()
+    lora = source_factors(inputs, task)
+    if not lora.is_finite():
+        return _skip(task, "the adapter's factors contain NaN or Inf")
+    ctx = ModuleContext(
+        task.src.shape, task.tgt.shape, device, plan.truncation_rank,
+        _weight_loader(inputs.src, task.src, device),
+        _weight_loader(inputs.tgt, task.tgt, device),
+        task.src, task.tgt, inputs.src, inputs.tgt,
+    )  # fmt: skip
+    try:
+        out = method.transfer(lora.to(device), ctx)
+    except Unsupported as why:
+        return _skip(task, str(why))
+    factors = out.factors
+    if factors.shape != task.tgt.shape or factors.r > lora.r:
+        raise AssertionError(f"{plan.method} returned {factors.shape} r={factors.r} for {task.tgt}")
+    if not factors.is_finite():
+        return _skip(task, f"{plan.method} produced NaN or Inf")
+    seconds = time.perf_counter() - start
+    return ModuleResult(task, factors.to("cpu"), out.diagnostics, seconds)
 
 
 def _skip(task: ModuleTask, reason: str) -> ModuleResult:

@@ -74,7 +74,7 @@ def families() -> dict[str, Family]:
 
 def family_for(model_type: str | None, what: str) -> Family:
     known = families()
-    if model_type not in known:
+    if not isinstance(model_type, str) or model_type not in known:
         raise CrossLoraError(
             f"{what}: model_type {model_type!r} is not supported; supported: "
             + ", ".join(sorted(known))
