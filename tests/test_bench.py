@@ -1,0 +1,81 @@
+"""``crosslora bench`` on tiny models and a local task: outputs, gap recovered, cache reuse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from crosslora.bench import verdict
+from crosslora.cli import main
+
+
+@pytest.fixture
+def config(tiny_model, tiny_adapter, tmp_path):
+    rows = [{"q": f"w{i} w{i + 1}", "options": [f"w{i + 2}", f"w{i + 3} w4", "w9"], "answer": i % 3}
+            for i in range(12)]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"name": "qa", "text": "{q}", "choices": "options", "gold": "answer",
+            "files": {"validation": "qa.jsonl"}}  # fmt: skip
+    (tmp_path / "qa.json").write_text(json.dumps(task))
+    cfg = {
+        "models": {
+            "a": {"path": str(tiny_model("llama")), "adapter": str(tiny_adapter("llama"))},
+            "b": {"path": str(tiny_model("mistral")), "adapter": str(tiny_adapter("mistral"))},
+        },
+        "pairs": "all",
+        "methods": ["copy", "crop-pad"],
+        "tasks": [str(tmp_path / "qa.json")],
+        "n_resamples": 300,
+        "batch_size": 4,
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_bench_writes_results_and_a_second_run_evaluates_nothing(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "-q", str(config), "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    # 2 models x (base, own adapter) + 2 pairs x 2 methods = 8 evaluations, all run
+    assert first["cache"] == {"hits": 0, "misses": 8}
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "results.md").read_text()
+    assert "| a → b | copy |" in md and "| b → a | crop-pad |" in md
+    pair = first["pairs"][0]
+    assert set(pair["configs"]) == {
+        "base",
+        "oracle",
+        "source adapter on source",
+        "copy",
+        "crop-pad",
+    }
+    gap = pair["methods"]["copy"]["nll"]["all"]
+    assert gap["n"] == 12 and gap["verdict"] in ("helped", "hurt", "inconclusive")
+    capsys.readouterr()
+    assert main(["bench", "-q", str(config), "--out", str(out)]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["cache"] == {"hits": 8, "misses": 0}
+    assert second["pairs"] == first["pairs"]
+    assert "(8 cached, 0 run)" in capsys.readouterr().out
+
+
+def test_copy_between_same_shape_models_with_identical_adapter_recovers_exactly(tmp_path):
+    """Gap recovered is exactly 1 when the transferred values equal the oracle's."""
+    from crosslora.eval.metrics import gap_recovered
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 0.3, 400)
+    oracle = base - 0.5 + rng.normal(0, 0.05, 400)
+    g = gap_recovered(base, oracle, oracle, n_resamples=500)
+    assert g.defined and g.interval.point == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("low", "high", "metric", "want"), [
+    (0.01, 0.05, "acc", "helped"), (-0.05, -0.01, "acc", "hurt"), (-0.01, 0.02, "acc", "inconclusive"),
+    (-0.3, -0.1, "nll", "helped"), (0.1, 0.3, "nll", "hurt"), (-0.1, 0.1, "nll", "inconclusive"),
+])  # fmt: skip
+def test_verdict_reads_the_interval_in_the_metrics_direction(low, high, metric, want):
+    assert verdict({"transferred_minus_base": {"low": low, "high": high}}, metric) == want
