@@ -6,8 +6,9 @@ Both score the same items of one task with the same tokens, in the same run:
 - ``flat``: right-padded batches of (context + choice) rows, sorted by length;
 - ``shared``/``auto``: each context run once, its KV cache reused for every choice.
 
-Each method first scores two items untimed (warm-up), then all items ``--repeats`` times; the
-best time counts. The
+Each method first scores two items untimed (warm-up); then ``--repeats`` rounds each run every
+method once over all items, interleaved so that they share whatever else loads the machine;
+a method's best time counts. The
 script also checks that every method gives the naive log-likelihoods (max abs difference).
 
     python bench/eval_throughput.py                                # a pico Llama built here
@@ -83,16 +84,6 @@ def pico_model(folder: Path) -> Path:
     return folder
 
 
-def best_time(fn, repeats: int, warm_up):
-    warm_up()
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="HF model folder (default: a pico Llama)")
@@ -103,6 +94,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--strategies", default="flat,shared,auto", help="batched ones to time")
+    # "shared" refuses items whose context is a single token (nothing to cache).
     parser.add_argument("--output", type=Path, help="write the measurements as JSON")
     args = parser.parse_args()
 
@@ -118,37 +110,44 @@ def main() -> int:
     print(f"{folder} on {device} ({args.dtype}, {torch.get_num_threads()} threads): "
           f"{args.task} validation, {len(items)} items, {n_requests} requests")  # fmt: skip
 
-    t_naive, naive = best_time(
-        lambda: score_naive(model, tokenizer, items, device),
-        args.repeats,
-        lambda: score_naive(model, tokenizer, items[:2], device),
-    )
-    rows = {"naive": {"seconds": t_naive, "items_per_second": len(items) / t_naive}}
-    print(f"  naive   {t_naive:7.2f} s  {len(items) / t_naive:8.2f} items/s")
-    for strategy in args.strategies.split(","):
+    def method(name):
+        if name == "naive":
+            return lambda subset: score_naive(model, tokenizer, subset, device)
 
-        def run(subset, strategy=strategy):
-            return score_items(model, tokenizer, subset, batch_size=args.batch_size,
-                               device=device, strategy=strategy, progress=False)  # fmt: skip
+        def run(subset):
+            scores = score_items(model, tokenizer, subset, batch_size=args.batch_size,
+                                 device=device, strategy=name, progress=False)  # fmt: skip
+            return [[s.loglik for s in row] for row in scores]
 
-        try:
-            seconds, scores = best_time(lambda: run(items), args.repeats, lambda: run(items[:2]))
-        except ValueError as err:  # "shared" on items with one-token contexts
-            print(f"  {strategy:7s} n/a ({err})")
-            continue
+        return run
+
+    names = ["naive", *args.strategies.split(",")]
+    for name in names:  # warm-up, untimed
+        method(name)(items[:2])
+    seconds = {name: float("inf") for name in names}
+    logliks = {}
+    for _ in range(args.repeats):  # rounds interleave the methods, so they share the load
+        for name in names:
+            start = time.perf_counter()
+            logliks[name] = method(name)(items)
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+
+    rows = {}
+    for name in names:
         diff = max(
-            abs(s.loglik - ref)
-            for row, ref_row in zip(scores, naive, strict=True)
-            for s, ref in zip(row, ref_row, strict=True)
+            abs(a - b)
+            for row, ref in zip(logliks[name], logliks["naive"], strict=True)
+            for a, b in zip(row, ref, strict=True)
         )
-        rows[strategy] = {
-            "seconds": seconds,
-            "items_per_second": len(items) / seconds,
-            "speedup_vs_naive": t_naive / seconds,
+        rows[name] = {
+            "seconds": seconds[name],
+            "items_per_second": len(items) / seconds[name],
+            "speedup_vs_naive": seconds["naive"] / seconds[name],
             "max_abs_loglik_diff_vs_naive": diff,
         }
-        print(f"  {strategy:7s} {seconds:7.2f} s  {len(items) / seconds:8.2f} items/s  "
-              f"x{t_naive / seconds:5.2f} vs naive  max |dloglik| {diff:.1e}")  # fmt: skip
+        row = rows[name]
+        print(f"  {name:7s} {row['seconds']:7.2f} s  {row['items_per_second']:8.2f} items/s  "
+              f"x{row['speedup_vs_naive']:5.2f} vs naive  max |dloglik| {diff:.1e}")  # fmt: skip
     if args.output:
         meta = {"model": str(folder), "device": str(device), "dtype": args.dtype,
                 "task": args.task, "items": len(items), "requests": n_requests,

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise CrossLoraError("--limit must be at least 1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    resolve_tasks(tasks, args.split)  # fail on a bad task name before loading any model
+    specs = resolve_tasks(tasks, args.split)  # a bad task name fails before any model loads
     device = resolve_device(args.device)
     dtype = _DTYPES[args.dtype]
     if dtype != torch.float32 and device.type != "cuda":
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         model,
         tokenizer,
-        tasks,
+        specs,
         split=args.split,
         limit=args.limit,
         batch_size=args.batch_size,

@@ -9,7 +9,7 @@ already starts with the prefix token's text. The model reads ``(context + contin
 left-truncated to its maximum length, and each continuation token is scored by the
 log-softmax (float32) of the logits one position before it.
 
-Two equivalent ways to run it, chosen per batch:
+Two ways to run it, equal to float precision, chosen per context:
 
 - ``flat``: one right-padded row per (context, continuation) request, sorted by length;
 - ``shared``: each distinct context is run once (all its tokens but the last, right-padded
@@ -18,8 +18,9 @@ Two equivalent ways to run it, chosen per batch:
   attends to the cache through an explicit 2-D mask and position ids. It saves re-reading a
   context once per choice: four times for ARC, twice for BoolQ's long passages.
 
-``shared`` is used where it is exact: a context of at least two tokens, and a whole sequence
-no longer than the model's sliding window, if it has one.
+``auto`` uses ``shared`` where it is exact (a context of at least two tokens, and a whole
+sequence no longer than the model's sliding window, if it has one) and saves work (the
+context has two or more choices), ``flat`` elsewhere.
 """
 
 from __future__ import annotations
@@ -313,9 +314,14 @@ def score_items(
         longest = max(len(m[2]) for m in g.members)
         return len(g.context) >= 2 and (window is None or len(g.context) + longest <= window)
 
-    use_shared = [strategy != "flat" and fits_shared(g) for g in groups]
-    if strategy == "shared" and not all(use_shared):
-        raise ValueError("strategy 'shared' needs contexts of 2+ tokens within the window")
+    if strategy == "flat":
+        use_shared = [False] * len(groups)
+    elif strategy == "shared":
+        use_shared = [fits_shared(g) for g in groups]
+        if not all(use_shared):
+            raise ValueError("strategy 'shared' needs contexts of 2+ tokens within the window")
+    else:  # a context read by one choice only (WinoGrande) gains nothing from a second pass
+        use_shared = [len(g.members) > 1 and fits_shared(g) for g in groups]
 
     results: list[list[ChoiceScore | None]] = [[None] * it.n_choices for it in items]
     n_requests = sum(it.n_choices for it in items)
