@@ -1,26 +1,39 @@
-"""Run a plan module by module, then join the roles of fused target modules.
+"""Run plans module by module, then join the roles of fused target modules.
 
 Each task reads its source factors (a row block of ``lora_B`` for a fused source module; ``A`` is
-shared), runs the method on ``device`` in float32, and keeps the result on the CPU. Base weights
-are read only by methods that need them, one task at a time.
+shared), runs the method on ``device`` in float32, and keeps the result on the CPU.
+
+Streaming: base weights are read only by methods that need them, one (source, target) role pair
+at a time, and dropped when that pair is done; tasks run grouped by the source weight's shard,
+in shard order, then by layer, so reads sweep the checkpoint once and nothing is held across
+layers (peak memory does not grow with depth). Several adapters from one source to one target
+(a batch) share everything: the method's ``prepare`` runs once, and each role pair's weights and
+SVD bases are loaded or computed once and applied to every adapter that adapts that role.
+Bases come from the on-disk ``BasisCache`` when one is given.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from crosslora.arch.layout import Layout, RoleRef, Slot
+from crosslora.arch.layout import ROLES, Layout, RoleRef, Slot
+from crosslora.basis_cache import CACHE_VERSION, BasisCache
+from crosslora.linalg import DEFAULT_FAST, svd_bases
 from crosslora.lora import LoraFactors
 from crosslora.methods import Method, ModuleContext, Unsupported, get_method
 from crosslora.plan import Inputs, ModuleTask, TransferPlan
 
 log = logging.getLogger("crosslora")
+
+CACHE_MIN_ELEMENTS = 1 << 18  # smaller weights (512 x 512) decompose faster than a cache read
 
 
 @dataclass
@@ -30,6 +43,15 @@ class ModuleResult:
     diagnostics: dict = field(default_factory=dict)
     seconds: float = 0.0
     skipped: str | None = None
+
+
+@dataclass
+class BasisSettings:
+    """How SVD bases are obtained: the mode, and the cache (None: always computed)."""
+
+    svd: str = "exact"
+    cache: BasisCache | None = None
+    cache_min_elements: int = CACHE_MIN_ELEMENTS
 
 
 def source_factors(inputs: Inputs, task: ModuleTask) -> LoraFactors:
@@ -49,35 +71,112 @@ def _weight_loader(layout: Layout, ref: RoleRef, device: torch.device):
     return load
 
 
+def basis_key(layout: Layout, ref: RoleRef, k_left: int, k_right: int, svd: str,
+              device: torch.device) -> dict:  # fmt: skip
+    """The cache key of one role's bases: the weight's file identity and how they are computed."""
+    ckpt = layout.checkpoint
+    name = ckpt.find(ref.slot.module)
+    assert name is not None
+    rows = ref.slot.rows[ref.role]
+    return {
+        "version": CACHE_VERSION,
+        "weight": ckpt.identity(name),
+        "role": ref.role,
+        "rows": None if rows is None else hashlib.sha256(rows.numpy().tobytes()).hexdigest(),
+        "transposed": ref.slot.conv1d,
+        "k": [k_left, k_right],
+        "svd": svd,
+        "fast": DEFAULT_FAST.key() if svd == "fast" else None,
+        "device": device.type,
+        "torch": torch.__version__,
+    }
+
+
+def _basis_source(inputs: Inputs, task: ModuleTask, device: torch.device, bases: BasisSettings):
+    def source(side: str, k_left: int, k_right: int, load: Callable[[], torch.Tensor]):
+        layout, ref = (inputs.src, task.src) if side == "src" else (inputs.tgt, task.tgt)
+        compute = lambda: svd_bases(load(), k_left, k_right, bases.svd)  # noqa: E731
+        m, n = ref.shape
+        if bases.cache is None or m * n < bases.cache_min_elements:
+            return compute()
+        key = basis_key(layout, ref, k_left, k_right, bases.svd, device)
+        return bases.cache.get(key, compute)
+
+    return source
+
+
 def execute(
-    inputs: Inputs, plan: TransferPlan, device: torch.device, progress: bool = True
-) -> list[ModuleResult]:
-    method = get_method(plan.method)
-    plan.diagnostics.update(method.prepare(inputs.src, inputs.tgt, device))
-    results = []
-    bar = tqdm(plan.tasks, desc=f"transfer ({plan.method})", unit="module", disable=not progress)
-    with logging_redirect_tqdm(loggers=[log]):  # warnings on their own lines, not on the bar's
-        for task in bar:
-            results.append(_run_task(inputs, method, task, plan, device))
-    return results
+    inputs: Inputs, plan: TransferPlan, device: torch.device, progress: bool = True,
+    bases: BasisSettings | None = None,
+) -> list[ModuleResult]:  # fmt: skip
+    """Run one plan; see ``execute_batch``."""
+    return execute_batch([inputs], [plan], device, progress, bases)[0]
+
+
+def _pair_id(task: ModuleTask) -> tuple:
+    return (task.src.slot.module, task.src.role, task.tgt.slot.module, task.tgt.role)
+
+
+def _read_order(inputs: Inputs, task: ModuleTask) -> tuple:
+    """Source shard, then layers, then role: a sweep through the checkpoint in file order."""
+    ckpt = inputs.src.checkpoint
+    name = ckpt.find(task.src.slot.module)
+    shard = ckpt.shard_rank(name) if name is not None else 0
+    return (shard, task.src.layer, task.tgt.layer, ROLES.index(task.src.role), _pair_id(task))
+
+
+def execute_batch(
+    batch: list[Inputs], plans: list[TransferPlan], device: torch.device,
+    progress: bool = True, bases: BasisSettings | None = None,
+) -> list[list[ModuleResult]]:  # fmt: skip
+    """Run several plans with one method between one source and one target model.
+
+    ``batch[i]`` and ``plans[i]`` belong to adapter i; the inputs share the two layouts. Returns,
+    per adapter, its results in its plan's task order.
+    """
+    bases = bases or BasisSettings()
+    method = get_method(plans[0].method)
+    first = batch[0]
+    diagnostics = method.prepare(first.src, first.tgt, device)
+    for plan in plans:
+        plan.diagnostics.update(diagnostics)
+    groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}
+    for i, plan in enumerate(plans):
+        for task in plan.tasks:
+            groups.setdefault(_pair_id(task), []).append((i, task))
+    order = sorted(groups, key=lambda pid: _read_order(first, groups[pid][0][1]))
+    done: list[dict[tuple, ModuleResult]] = [{} for _ in plans]
+    total = sum(len(p.tasks) for p in plans)
+    desc = f"transfer ({plans[0].method})" + (f", {len(plans)} adapters" if len(plans) > 1 else "")
+    bar = tqdm(total=total, desc=desc, unit="module", disable=not progress)
+    with bar, logging_redirect_tqdm(loggers=[log]):  # warnings on their own lines, not the bar's
+        for pid in order:
+            members = groups[pid]
+            task0 = members[0][1]
+            ctx = ModuleContext(
+                task0.src.shape, task0.tgt.shape, device, plans[0].truncation_rank,
+                _weight_loader(first.src, task0.src, device),
+                _weight_loader(first.tgt, task0.tgt, device),
+                task0.src, task0.tgt, first.src, first.tgt, bases.svd,
+                _basis_source(first, task0, device, bases),
+            )  # fmt: skip
+            for i, task in members:
+                done[i][_pair_id(task)] = _run_task(batch[i], method, task, plans[i], ctx)
+                bar.update()
+            del ctx  # this pair's weights and bases go now: nothing is held across layers
+    return [[done[i][_pair_id(t)] for t in plan.tasks] for i, plan in enumerate(plans)]
 
 
 def _run_task(
-    inputs: Inputs, method: Method, task: ModuleTask, plan: TransferPlan, device: torch.device
+    inputs: Inputs, method: Method, task: ModuleTask, plan: TransferPlan, ctx: ModuleContext
 ) -> ModuleResult:
     """One task: the source factors, the method, the checks on what it returned."""
     start = time.perf_counter()
     lora = source_factors(inputs, task)
     if not lora.is_finite():
         return _skip(task, "the adapter's factors contain NaN or Inf")
-    ctx = ModuleContext(
-        task.src.shape, task.tgt.shape, device, plan.truncation_rank,
-        _weight_loader(inputs.src, task.src, device),
-        _weight_loader(inputs.tgt, task.tgt, device),
-        task.src, task.tgt, inputs.src, inputs.tgt,
-    )  # fmt: skip
     try:
-        out = method.transfer(lora.to(device), ctx)
+        out = method.transfer(lora.to(ctx.device), ctx)
     except Unsupported as why:
         return _skip(task, str(why))
     factors = out.factors

@@ -41,6 +41,16 @@ def resolve(
     return Inputs(ad, src, tgt, str(source_model), str(target_model))
 
 
+def resolve_batch(
+    adapters: list[str], source_model: str, target_model: str, allow_pickle: bool = False
+) -> list[Inputs]:
+    """Several adapters for one pair of models; the inputs share the two layouts."""
+    ads = [read_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+    src = Layout(Checkpoint(source_model, "source model"), "source model")
+    tgt = Layout(Checkpoint(target_model, "target model"), "target model")
+    return [Inputs(ad, src, tgt, str(source_model), str(target_model)) for ad in ads]
+
+
 @dataclass(frozen=True)
 class ModuleTask:
     """Transfer one role: ``src`` (in the adapter's module ``adapter_module``) to ``tgt``."""

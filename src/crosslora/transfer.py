@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 from crosslora import __version__
+from crosslora.basis_cache import BasisCache, default_cache_dir
 from crosslora.errors import CrossLoraError
-from crosslora.execute import assemble, execute
+from crosslora.execute import CACHE_MIN_ELEMENTS, BasisSettings, assemble, execute_batch
 from crosslora.io.output import check_output_path, staged_folder
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
+from crosslora.linalg import SVD_MODES
 from crosslora.methods import DEFAULT_METHOD
-from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve
+from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve, resolve_batch
 from crosslora.report import build_report, model_card
 
 log = logging.getLogger("crosslora")
@@ -32,6 +34,10 @@ class TransferOptions:
     device: str = "auto"
     dtype: str | None = None  # None: the source adapter's dtype
     allow_pickle: bool = False
+    svd: str = "fast"  # "fast" (randomized block Krylov) or "exact" (the full SVD, as the paper)
+    cache: bool = True  # keep SVD bases in an on-disk cache shared by later transfers
+    cache_dir: str | None = None  # None: $CROSSLORA_HOME/bases or ~/.cache/crosslora/bases
+    cache_min_elements: int = CACHE_MIN_ELEMENTS  # smaller weights are not worth caching
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,6 +61,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_options(options: TransferOptions) -> torch.device:
+    """Validate the options that need no input; returns the device."""
+    device = resolve_device(options.device)
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise CrossLoraError(f"--dtype {options.dtype}: choose from {', '.join(DTYPES)}")
+    if options.svd not in SVD_MODES:
+        raise CrossLoraError(f"--svd {options.svd}: choose from {', '.join(SVD_MODES)}")
+    return device
+
+
 def transfer(
     adapter: str,
     source_model: str,
@@ -71,12 +87,54 @@ def transfer(
     options = options or TransferOptions()
     out = Path(out_path)
     check_output_path(out, overwrite)
-    device = resolve_device(options.device)
-    if options.dtype is not None and options.dtype not in DTYPES:
-        raise CrossLoraError(f"--dtype {options.dtype}: choose from {', '.join(DTYPES)}")
+    device = check_options(options)
     inputs = resolve(adapter, source_model, target_model, options.allow_pickle)
     plan = plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank)
-    return run_plan(inputs, plan, options, device, out, overwrite, progress)
+    return run_plans([inputs], [plan], options, device, [out], overwrite, progress)[0]
+
+
+def batch_outputs(adapters: list[str], out_parent: str | Path) -> list[Path]:
+    """``<out_parent>/<adapter folder name>`` per adapter; names must be distinct."""
+    outs = [Path(out_parent) / Path(str(a).rstrip("/")).name for a in adapters]
+    seen: dict[Path, str] = {}
+    for a, out in zip(adapters, outs):
+        if out in seen:
+            raise CrossLoraError(
+                f"adapters {seen[out]} and {a} would both be written to {out} (same folder name)"
+            )
+        seen[out] = str(a)
+    return outs
+
+
+def transfer_batch(
+    adapters: list[str],
+    source_model: str,
+    target_model: str,
+    out_parent: str | Path,
+    options: TransferOptions | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Transfer several adapters between one pair of models in one pass; each adapter goes to
+    ``<out_parent>/<its folder name>/``. Every base weight is read, and every basis computed,
+    once for all of them (and the method's preparation runs once). Returns the reports."""
+    options = options or TransferOptions()
+    outs = batch_outputs(adapters, out_parent)
+    for out in outs:
+        check_output_path(out, overwrite)
+    device = check_options(options)
+    batch = resolve_batch(adapters, source_model, target_model, options.allow_pickle)
+    plans = [
+        plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank)
+        for inputs in batch
+    ]
+    return run_plans(batch, plans, options, device, outs, overwrite, progress)
+
+
+def basis_cache(options: TransferOptions) -> BasisCache | None:
+    if not options.cache:
+        return None
+    return BasisCache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
 
 
 def run_plan(
@@ -88,16 +146,49 @@ def run_plan(
     overwrite: bool,
     progress: bool,
 ) -> dict:
+    return run_plans([inputs], [plan], options, device, [out], overwrite, progress)[0]
+
+
+def run_plans(
+    batch: list[Inputs],
+    plans: list[TransferPlan],
+    options: TransferOptions,
+    device: torch.device,
+    outs: list[Path],
+    overwrite: bool,
+    progress: bool,
+) -> list[dict]:
     start = time.perf_counter()
-    results = execute(inputs, plan, device, progress)
-    modules = assemble(results)
-    if not modules:
-        first = next((r for r in results if r.skipped), None)
-        why = f" (first: {first.task.src.label}: {first.skipped})" if first else ""
-        raise CrossLoraError(f"every module was skipped{why}; nothing written")
+    cache = basis_cache(options)
+    bases = BasisSettings(options.svd, cache, options.cache_min_elements)
+    all_results = execute_batch(batch, plans, device, progress, bases)
     seconds = time.perf_counter() - start
+    extra = {"basis_cache": cache.stats()} if cache is not None else {}  # the invocation's
+    for results in all_results:  # refuse before writing anything
+        if not any(r.skipped is None for r in results):
+            first = next((r for r in results if r.skipped), None)
+            why = f" (first: {first.task.src.label}: {first.skipped})" if first else ""
+            raise CrossLoraError(f"every module was skipped{why}; nothing written")
+    return [
+        _write(inputs, plan, results, options, device, out, overwrite, seconds, extra)
+        for inputs, plan, results, out in zip(batch, plans, all_results, outs)
+    ]
+
+
+def _write(
+    inputs: Inputs,
+    plan: TransferPlan,
+    results: list,
+    options: TransferOptions,
+    device: torch.device,
+    out: Path,
+    overwrite: bool,
+    seconds: float,
+    extra: dict,
+) -> dict:
+    modules = assemble(results)
     settings = {**asdict(options), "device": str(device)}
-    report = build_report(inputs, plan, results, settings, seconds)
+    report = {**build_report(inputs, plan, results, settings, seconds), **extra}
     tgt = inputs.tgt
     suffix_of = {
         t.tgt.slot.module: t.tgt.slot.module.split(f".{t.tgt.layer}.", 1)[1] for t in plan.tasks

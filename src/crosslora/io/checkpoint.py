@@ -129,6 +129,22 @@ class Checkpoint:
             raise CrossLoraError(f"{self.path}: the checkpoint has no tensor {name!r}")
         return self._shards[self.weight_map[name]].get(name)
 
+    def identity(self, name: str) -> dict:
+        """What identifies tensor ``name``'s bytes without reading them: its shard file (resolved
+        path, size, mtime_ns) and its header entry (dtype, shape, byte span). Any rewrite of the
+        file changes at least the mtime."""
+        shard = self._shards[self.weight_map[name]]
+        path = shard.path.resolve()
+        st = path.stat()
+        info = shard.tensors[name]
+        return {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "tensor": name, "dtype": info.dtype, "shape": list(info.shape),
+                "offsets": [info.start, info.end]}  # fmt: skip
+
+    def shard_rank(self, name: str) -> int:
+        """Position of tensor ``name``'s shard in file order (for reading shard by shard)."""
+        return sorted(set(self.weight_map.values())).index(self.weight_map[name])
+
     def find(self, module_path: str, leaf: str = "weight") -> str | None:
         """The checkpoint key of ``<module_path>.<leaf>``, tolerating a missing or extra prefix.
 

@@ -13,10 +13,14 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from crosslora.linalg import svd_bases
 from crosslora.lora import LoraFactors
 
 if TYPE_CHECKING:
     from crosslora.arch.layout import Layout, RoleRef
+
+
+Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Unsupported(Exception):
@@ -37,7 +41,11 @@ class ModuleContext:
     tgt: RoleRef | None = None  # than the two weights: norms, sibling modules, embeddings)
     src_layout: Layout | None = None
     tgt_layout: Layout | None = None
-    _cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    svd: str = "exact"  # how src_bases/tgt_bases compute: "exact" (full SVD) or "fast"
+    # (side, k_left, k_right, load weight) -> (U, S, V): where bases come from (a cache); None:
+    # computed here with ``svd_bases``
+    basis_source: Callable[[str, int, int, Callable[[], torch.Tensor]], Bases] | None = None
+    _cache: dict = field(default_factory=dict)
 
     def src_weight(self) -> torch.Tensor:
         if "src" not in self._cache:
@@ -48,6 +56,25 @@ class ModuleContext:
         if "tgt" not in self._cache:
             self._cache["tgt"] = self.load_tgt_weight()
         return self._cache["tgt"]
+
+    def src_bases(self, k_left: int, k_right: int) -> Bases:
+        """``svd_bases`` of the source weight (``U`` (m, k_left), ``S``, ``V`` (n, k_right))."""
+        return self._bases("src", k_left, k_right)
+
+    def tgt_bases(self, k_left: int, k_right: int) -> Bases:
+        return self._bases("tgt", k_left, k_right)
+
+    def _bases(self, side: str, k_left: int, k_right: int) -> Bases:
+        key = ("bases", side, k_left, k_right)
+        if key not in self._cache:
+            load = self.src_weight if side == "src" else self.tgt_weight
+            if self.basis_source is not None:
+                bases = self.basis_source(side, k_left, k_right, load)
+            else:
+                bases = svd_bases(load(), k_left, k_right, self.svd)
+            self._cache[key] = tuple(t.to(self.device) for t in bases)
+            self._cache.pop(side, None)  # the weight itself is no longer needed by the SVD methods
+        return self._cache[key]
 
 
 @dataclass

@@ -10,6 +10,10 @@ Truncation: ``k_U = min(k, m, m')`` left and ``k_V = min(k, n, n')`` right compo
 k = 320). Past ``min(m, n)`` components come from the null space (complete bases), so with
 source = target and k at least the larger dimension the transfer is the identity.
 
+Bases come from ``ctx.src_bases``/``ctx.tgt_bases``: the full SVD (``--svd exact``) or a
+randomized subspace iteration matching it closely (``--svd fast``, see ``linalg.FastSvd``), read
+from the basis cache when one is in use.
+
 Known weak points, kept visible: the i-th singular direction of one model is matched to the
 i-th of the other by rank order alone; signs follow ``linalg.fix_signs`` (largest-magnitude entry
 of each u_i positive) and the result depends on that convention; near-equal singular values can
@@ -19,7 +23,6 @@ in the truncated source subspaces.
 
 from __future__ import annotations
 
-from crosslora.linalg import svd_bases
 from crosslora.lora import LoraFactors
 from crosslora.methods.base import Method, MethodOutput, ModuleContext, register
 
@@ -37,8 +40,8 @@ class CrossLora(Method):
         (m, n), (mt, nt) = ctx.src_shape, ctx.tgt_shape
         k = ctx.truncation_rank or max(m, n, mt, nt)
         k_u, k_v = min(k, m, mt), min(k, n, nt)
-        u_s, _, v_s = svd_bases(ctx.src_weight(), k_u, k_v)
-        u_t, _, v_t = svd_bases(ctx.tgt_weight(), k_u, k_v)
+        u_s, _, v_s = ctx.src_bases(k_u, k_v)
+        u_t, _, v_t = ctx.tgt_bases(k_u, k_v)
         B = u_t @ (u_s.T @ lora.B)
         A = (lora.A @ v_s) @ v_t.T
         out = LoraFactors(A, B, lora.scale)

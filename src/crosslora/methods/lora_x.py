@@ -8,7 +8,6 @@ raise the rank), so the re-factorisation is an exact, balanced SVD of that produ
 
 from __future__ import annotations
 
-from crosslora.linalg import svd_bases
 from crosslora.lora import LoraFactors, refactor
 from crosslora.methods.base import Method, MethodOutput, ModuleContext, register, same_shapes
 
@@ -26,7 +25,7 @@ class LoraX(Method):
     def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
         m, n = ctx.tgt_shape
         k = min(ctx.truncation_rank or min(m, n), min(m, n))
-        u_t, _, v_t = svd_bases(ctx.tgt_weight(), k, k)
+        u_t, _, v_t = ctx.tgt_bases(k, k)
         projected = LoraFactors((lora.A @ v_t) @ v_t.T, u_t @ (u_t.T @ lora.B), lora.scale)
         out = refactor(projected, lora.r)
         kept = out.frobenius() / max(lora.frobenius(), 1e-30)

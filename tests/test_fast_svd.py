@@ -1,0 +1,137 @@
+"""The fast SVD path (randomized block Krylov iteration) against the exact one: subspaces, signs,
+the transferred ΔW, and the fall-back to the exact SVD where the fast path cannot serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+from conftest import make_adapter
+from crosslora.cli import main
+from crosslora.linalg import FastSvd, svd_bases
+
+
+def decaying(m: int, n: int, seed: int, alpha: float = 0.5) -> torch.Tensor:
+    """``U diag(s) Vᵀ`` with s_i = i^-alpha and random orthonormal factors: near-equal singular
+    values everywhere past the top few, the hard case for an iterative method."""
+    g = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, p, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64)).Q
+    s = torch.arange(1, p + 1, dtype=torch.float64) ** -alpha
+    return ((u * s) @ v.T).float()
+
+
+def max_principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    cos = torch.linalg.svdvals(a.double().T @ b.double()).min().clamp(max=1.0)
+    return float(torch.arccos(cos))
+
+
+def cross_lora_delta(bases_s, bases_t, A, B) -> torch.Tensor:
+    (u_s, _, v_s), (u_t, _, v_t) = bases_s, bases_t
+    return (u_t @ (u_s.T @ B)) @ ((A @ v_s) @ v_t.T)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("m", "n"), [(480, 480), (720, 480), (480, 640)])
+def test_fast_bases_match_exact_on_a_decaying_spectrum(m, n):
+    k = 40
+    assert FastSvd().applies((m, n), k)
+    w_s, w_t = decaying(m, n, seed=1), decaying(m, n, seed=2)
+    exact = [svd_bases(w, k, k, "exact") for w in (w_s, w_t)]
+    fast = [svd_bases(w, k, k, "fast") for w in (w_s, w_t)]
+    for (ue, se, ve), (uf, sf, vf) in zip(exact, fast):
+        assert uf.shape == (m, k) and vf.shape == (n, k) and sf.shape == (k,)
+        assert max_principal_angle(ue, uf) < 1e-2
+        assert max_principal_angle(ve, vf) < 1e-2
+        assert rel(sf, se[:k]) < 1e-5
+        # the same vectors with the same signs, one by one
+        assert float((ue - uf).norm(dim=0).max()) < 5e-2
+        assert float((ve - vf).norm(dim=0).max()) < 5e-2
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(16, n, generator=g), torch.randn(m, 16, generator=g)
+    want = cross_lora_delta(*exact, A, B)
+    got = cross_lora_delta(*fast, A, B)
+    assert rel(got, want) < 1e-2
+
+
+def test_fast_path_keeps_the_sign_convention():
+    u, _, v = svd_bases(decaying(480, 480, seed=4), 40, 40, "fast")
+    top = u.gather(0, u.abs().argmax(dim=0, keepdim=True))
+    assert bool((top > 0).all())
+    w = decaying(480, 480, seed=4)
+    # u_i and v_i are a singular pair with the same sign: uᵢᵀ W vᵢ = σᵢ > 0
+    assert bool(((u.T @ w @ v).diagonal() > 0).all())
+
+
+def test_accuracy_knobs_tighten_the_result():
+    w = decaying(600, 600, seed=5)
+    exact, _, _ = svd_bases(w, 48, 48, "exact")
+    loose = svd_bases(w, 48, 48, "fast", FastSvd(block=0.25, steps=1))[0]
+    tight = svd_bases(w, 48, 48, "fast", FastSvd(block=0.5, steps=12))[0]
+    assert max_principal_angle(exact, tight) < max_principal_angle(exact, loose) / 10
+
+
+@pytest.mark.parametrize(("shape", "k"), [((64, 48), 48), ((64, 48), 64), ((300, 300), 120)])
+def test_fast_falls_back_to_exact_when_k_is_large(shape, k):
+    """Null-space completion (k > min(m, n)) and large k relative to min(m, n) run the exact SVD:
+    bit-identical results, the identity property at full rank included."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    kl, kr = min(k, shape[0]), min(k, shape[1]) if k <= min(shape) else shape[1]
+    assert not FastSvd().applies(shape, max(kl, kr))
+    for a, b in zip(svd_bases(w, kl, kr, "fast"), svd_bases(w, kl, kr, "exact")):
+        assert torch.equal(a, b)
+
+
+# --- end to end: `--svd fast` (the default) against `--svd exact` ------------------------------
+
+
+def spectral_model(path: Path, seed: int) -> Path:
+    """A one-layer llama (hidden 512) whose projection weights have decaying spectra."""
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=512, intermediate_size=768,
+                            num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
+                            max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.ndim == 2 and "proj" in name:
+                p.copy_(decaying(*p.shape, seed=seed * 100 + i) * 3)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def spectral_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spectral")
+    src, tgt = spectral_model(root / "src", 1), spectral_model(root / "tgt", 2)
+    return src, tgt, make_adapter(src, root / "adapter", r=8)
+
+
+def test_fast_transfer_matches_exact_transfer(spectral_pair, tmp_path):
+    src, tgt, adapter = spectral_pair
+    outs = {}
+    for mode in ("fast", "exact"):
+        argv = ["transfer", "-q", "--adapter", str(adapter), "--source-model", str(src),
+                "--target-model", str(tgt), "--out-path", str(tmp_path / mode),
+                "--truncation-rank", "40", "--svd", mode, "--no-cache"]  # fmt: skip
+        assert main(argv) == 0
+        outs[mode] = load_file(tmp_path / mode / "adapter_model.safetensors")
+        report = json.loads((tmp_path / mode / "transfer_report.json").read_text())
+        assert report["settings"]["svd"] == mode
+    fast, exact = outs["fast"], outs["exact"]
+    modules = sorted(k.removesuffix(".lora_A.weight") for k in fast if ".lora_A." in k)
+    assert len(modules) == 7
+    for module in modules:
+        delta = {m: o[f"{module}.lora_B.weight"] @ o[f"{module}.lora_A.weight"]
+                 for m, o in outs.items()}  # fmt: skip
+        assert rel(delta["fast"], delta["exact"]) < 1e-2, module
+        assert not torch.equal(fast[f"{module}.lora_A.weight"], exact[f"{module}.lora_A.weight"])
