@@ -69,6 +69,12 @@ def build_model(name: str, seed: int = 0) -> torch.nn.Module:
 BYTE_LEVEL = {"qwen2", "qwen3", "gpt2", "gpt_neox"}  # model types with GPT-2-style token strings
 
 
+def word(i: int) -> str:
+    """The tiny tokenizers' i-th word: letters only (``w`` + digits spelt a-j), so that every
+    family's pre-tokenizer, Qwen2's letter/digit split included, keeps it whole."""
+    return "w" + "".join("abcdefghij"[int(c)] for c in str(i))
+
+
 def build_tokenizer(name: str):
     """A word-level tokenizer of 96 entries in the family's token-string convention.
 
@@ -76,19 +82,29 @@ def build_tokenizer(name: str):
     byte-level ones also shuffle ids and swap a few words, so a shared vocabulary must be found
     by text, not by id. ``*-twin`` models share their original's tokenizer.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     model_type = TINY[name][0].model_type
-    words = [f"w{i}" for i in range(93)]
+    words = [word(i) for i in range(93)]
     marker = "Ġ" if model_type in BYTE_LEVEL else "▁"
     if model_type in BYTE_LEVEL:
         g = torch.Generator().manual_seed(7)
         words = [words[i] for i in torch.randperm(93, generator=g).tolist()]
-        words[:5] = [f"x{i}" for i in range(5)]  # not in the other vocabularies
+        words[:5] = ["x" + word(i) for i in range(5)]  # not in the other vocabularies
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {marker + w: i + 3 for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # text round-trips through decode and encode, as with real tokenizers: each word carries its
+    # leading space as the family's marker
+    if model_type in BYTE_LEVEL:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r" ?\S+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])  # fmt: skip
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")  # fmt: skip
 

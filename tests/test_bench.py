@@ -7,13 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from conftest import word
 from crosslora.bench import verdict
 from crosslora.cli import main
 
 
 @pytest.fixture
 def config(tiny_model, tiny_adapter, tmp_path):
-    rows = [{"q": f"w{i} w{i + 1}", "options": [f"w{i + 2}", f"w{i + 3} w4", "w9"], "answer": i % 3}
+    rows = [{"q": f"{word(i)} {word(i + 1)}", "options": [word(i + 2), f"{word(i + 3)} {word(4)}",
+             word(9)], "answer": i % 3}
             for i in range(12)]  # fmt: skip
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = {"name": "qa", "text": "{q}", "choices": "options", "gold": "answer",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crosslora.errors import CrossLoraError
-from crosslora.methods import anchored, copy, crop_pad, cross_lora, lora_x  # noqa: F401 (registry)
+from crosslora.methods import anchored, copy, crop_pad, cross_lora, lora_x, matched  # noqa: F401
 from crosslora.methods.base import METHODS, Method, MethodOutput, ModuleContext, Unsupported
 
 # The method `crosslora transfer` uses unless told otherwise.

@@ -1,0 +1,53 @@
+"""A development task for choosing method settings, never the benchmark's items.
+
+Takes ARC-Easy and ARC-Challenge *train* rows that no shipped adapter was trained on (the
+adapters use a seeded sample of 400 parsed rows per source, ``bench/train_adapter.py``), draws
+``--per-source`` of them with a fixed seed, and writes them as a local task for ``crosslora
+eval``/``bench``: ``bench/dev/arc_dev.json`` and ``bench/dev/arc_dev.jsonl``. Prompt format as
+ARC in lm-eval (``Question: …\\nAnswer:``, choices scored as continuations).
+
+    .venv/bin/python bench/make_dev_task.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_adapter import DATA_DIR, SOURCES, load_examples, parse_row  # noqa: E402
+
+OUT = Path(__file__).parent / "dev"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--per-source", type=int, default=100)
+    p.add_argument("--train-per-source", type=int, default=400, help="as the adapters' training")
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args()
+    used, _ = load_examples(0, args.train_per_source)
+    taken = {(e["source"], e["row"]) for e in used}
+    rng = random.Random(args.seed)
+    lines = []
+    for source in ("arc_easy", "arc_challenge"):
+        rows = json.loads((DATA_DIR / SOURCES[source]).read_text())
+        free = [(i, parse_row(r)) for i, r in enumerate(rows) if (source, i) not in taken]
+        free = [(i, p) for i, p in free if p is not None]
+        for i, (q, choices, gold) in sorted(rng.sample(free, args.per_source)):
+            lines.append({"id": f"{source}-train-{i}", "question": q, "choices": choices,
+                          "gold": gold})  # fmt: skip
+    OUT.mkdir(exist_ok=True)
+    (OUT / "arc_dev.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = {"name": "arc_dev", "text": "Question: {question}\nAnswer:", "choices": "choices",
+            "gold": "gold", "id_field": "id", "splits": ["validation"],
+            "files": {"validation": "arc_dev.jsonl"}}  # fmt: skip
+    (OUT / "arc_dev.json").write_text(json.dumps(spec, indent=2) + "\n")
+    print(f"wrote {len(lines)} items to {OUT / 'arc_dev.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

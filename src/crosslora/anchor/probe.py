@@ -1,0 +1,186 @@
+"""Paired activations of the two base models on the same text, with no data: the text is what the
+models generate themselves.
+
+1. **Probe text.** Each model samples ``n_texts / 2`` continuations of its own start token
+   (temperature 1, top-p 0.95 within the top 1024, a fixed seed): ordinary text in the models'
+   own distribution, from no dataset.
+2. **Aligned positions.** Both tokenizers encode every text with character offsets. A position
+   where a source token and a target token end at the same character has read the same prefix of
+   the text in both models, so their hidden states there describe the same thing. The first
+   ``SKIP_TOKENS`` tokens of each text are left out (attention-sink positions carry outsized
+   activations in many models and say little about the rest).
+3. **Activations.** One forward pass per model over all texts; forward pre-hooks keep, at the
+   aligned positions only, the input of every adapted module (one copy per input space: the
+   attention input q/k/v read, the MLP input gate/up read, the attention output o reads, the MLP
+   intermediate down reads) and the residual stream entering each layer.
+
+Shapes: ``inputs[(layer, space)]`` is (N, n_in) and ``residual[layer]`` is (N, d) in float32, N the
+number of aligned positions, the same rows in the same order for both models.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from crosslora.arch.layout import Layout
+from crosslora.errors import CrossLoraError
+
+log = logging.getLogger("crosslora")
+
+# role -> the input space it reads (q, k and v read the same tensor, as do gate and up)
+INPUT_SPACE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
+               "gate": "mlp_in", "up": "mlp_in", "down": "mlp_mid"}  # fmt: skip
+SKIP_TOKENS = 4
+TOP_P = 0.95
+TOP_K = 1024  # nucleus sampling within the 1024 likeliest tokens (no full-vocabulary sort)
+
+
+@dataclass
+class Activations:
+    """One model's activations at the aligned positions (see the module docstring)."""
+
+    inputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def load_model(path: Path, device: torch.device, what: str):
+    from transformers import AutoModelForCausalLM
+
+    try:  # never trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as err:
+        raise CrossLoraError(
+            f"{what}: transformers cannot load {path} ({type(err).__name__}: {err})"
+        ) from err
+    return model.to(device).eval()
+
+
+def _start_id(tokenizer) -> int:
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            return int(tid)
+    raise CrossLoraError("a tokenizer has no BOS, EOS or pad token to start sampling from")
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 16) -> list[str]:
+    """``n`` texts of ``length`` new tokens sampled from ``model`` from its start token alone."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = _start_id(tokenizer)
+    texts: list[str] = []
+    for lo in range(0, n, batch):
+        ids = torch.full((min(batch, n - lo), 1), start, dtype=torch.long, device=device)
+        cache = None
+        step_ids = ids
+        for _ in range(length):
+            out = model(input_ids=step_ids, cache=cache, use_cache=True)
+            cache = out.cache
+            probs = torch.softmax(out.logits[:, -1].float().cpu(), dim=-1)
+            top_p, order = probs.topk(min(TOP_K, probs.shape[-1]), dim=-1)  # sorted, descending
+            top_p = top_p * (top_p.cumsum(-1) - top_p < TOP_P)
+            pick = torch.multinomial(top_p / top_p.sum(-1, keepdim=True), 1, generator=gen)
+            step_ids = order.gather(-1, pick).to(device)
+            ids = torch.cat([ids, step_ids], dim=1)
+        texts += tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)
+    return [t for t in texts if t.strip()]
+
+
+def _encode(tokenizer, text: str) -> tuple[list[int], dict[int, int]]:
+    """Token ids (with the model's own special tokens) and char end offset -> token index."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ends: dict[int, int] = {}
+    for i, (start, end) in enumerate(enc["offset_mapping"]):
+        if end > start and i >= SKIP_TOKENS:
+            ends[end] = i  # a later token ending at the same place (rare) wins
+    return enc["input_ids"], ends
+
+
+@dataclass
+class ProbeBatch:
+    """Texts tokenized for one model, and the aligned token positions in each."""
+
+    ids: list[list[int]]
+    positions: list[list[int]]
+
+
+def align(texts: list[str], tok_s, tok_t) -> tuple[ProbeBatch, ProbeBatch]:
+    """Per text, the token positions of the two tokenizations that end at the same character."""
+    if not getattr(tok_s, "is_fast", False) or not getattr(tok_t, "is_fast", False):
+        raise CrossLoraError("the matched method needs fast tokenizers (character offsets)")
+    src, tgt = ProbeBatch([], []), ProbeBatch([], [])
+    for text in texts:
+        ids_s, ends_s = _encode(tok_s, text)
+        ids_t, ends_t = _encode(tok_t, text)
+        common = sorted(set(ends_s) & set(ends_t))
+        src.ids.append(ids_s)
+        tgt.ids.append(ids_t)
+        src.positions.append([ends_s[e] for e in common])
+        tgt.positions.append([ends_t[e] for e in common])
+    return src, tgt
+
+
+def _input_modules(layout: Layout) -> dict[str, tuple[int, str]]:
+    """Module path -> (layer, input space), one module per (layer, input space)."""
+    seen: dict[tuple[int, str], str] = {}
+    for ref in layout.roles():
+        key = (ref.layer, INPUT_SPACE[ref.role])
+        seen.setdefault(key, ref.slot.module)
+    return {module: key for key, module in seen.items()}
+
+
+@torch.no_grad()
+def collect(model, layout: Layout, batch: ProbeBatch, pad_id: int, chunk: int = 8) -> Activations:
+    """Run ``model`` over ``batch`` and keep the activations at its aligned positions."""
+    device = next(model.parameters()).device
+    acts = Activations()
+    parts: dict = {}
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chunk: (sequence index, position)
+
+    def hook_for(key):
+        def hook(_module, args, kwargs=None):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+            b, p = rows[-1]
+            parts.setdefault(key, []).append(x[b, p].float().cpu())
+
+        return hook
+
+    handles = []
+    for module, key in _input_modules(layout).items():
+        try:
+            sub = model.get_submodule(module)
+        except AttributeError as err:
+            raise CrossLoraError(f"{layout.what}: the loaded model has no module {module}") from err
+        handles.append(sub.register_forward_pre_hook(hook_for(key), with_kwargs=True))
+    layers = model.get_submodule(layout.family.layers)
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(hook_for(("residual", i)), with_kwargs=True))
+    body = model.base_model  # the transformer without its LM head: no logits needed here
+    try:
+        for lo in range(0, len(batch.ids), chunk):
+            seqs = batch.ids[lo : lo + chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for j, s in enumerate(seqs):  # right padding: aligned positions stay where they are
+                ids[j, : len(s)] = torch.tensor(s)
+                mask[j, : len(s)] = 1
+            pos = batch.positions[lo : lo + chunk]
+            b = torch.tensor([j for j, p in enumerate(pos) for _ in p], dtype=torch.long)
+            p = torch.tensor([x for q in pos for x in q], dtype=torch.long)
+            rows.append((b.to(device), p.to(device)))
+            body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for key, xs in parts.items():
+        x = torch.cat(xs)
+        if key[0] == "residual":
+            acts.residual[key[1]] = x
+        else:
+            acts.inputs[key] = x
+    return acts

@@ -1,0 +1,174 @@
+"""``matched``: carry the adapter through maps fitted on the two models' own activations, on text
+they generate themselves (no data, no training).
+
+The anchor is the same *text*: both models read the same probe text, and at every position where
+their tokenizations end at the same character their states describe the same prefix
+(``anchor.probe``). For one module with inputs ``X_s`` (N, n_s) and ``X_t`` (N, n_t) at those
+positions, the adapter's update should act on the target as it acts on the source:
+
+    ΔW_t X_tᵀ ≈ M ΔW_s X_sᵀ,   M the map from the source module's output space to the target's.
+
+With ``ΔW = B A`` this splits into two ridge regressions that keep the rank and the factors:
+
+- ``A_t``: the target reads the adapter's r input features: ``A_t = argmin ‖X_t A_tᵀ − X_s A_sᵀ‖``
+  (+ ridge), i.e. ``A_tᵀ = (X_tᵀ X_t + λ I)⁻¹ X_tᵀ X_s A_sᵀ``  (n_t, r);
+- ``B_t = M B_s``  (m_t, r), with ``M = Y_tᵀ Y_s (Y_sᵀ Y_s + λ I)⁻¹`` the least-squares map between
+  output spaces, fitted on activations that span them: for q, k and v the base modules' own
+  outputs ``Y = X Wᵀ`` (head spaces); for gate and up the MLP's neuron activations (what down
+  reads: the pre-activations ``X Wᵀ`` span only a residual-width slice of the wider neuron space,
+  the activations all of it); for o and down, which write the residual stream, the residual
+  stream after the layer, where the update lands.
+
+``λ = ALPHA · tr(G) / n`` for a Gram matrix ``G`` (n × n): a ridge relative to the mean variance,
+so nothing depends on the models' activation scales. The magnitude of the update needs no
+calibration: the regressions are in the models' own units (Gemma's √d embeddings and large norm
+gains included), and an update the target cannot express shrinks rather than turning into noise.
+
+On function-preserving twins the activations are exact rotations / permutations / zero-paddings
+of each other, so the maps are exact up to the ridge. Per module the report gives ``in_fit``,
+the relative residual of the target's reproduction of the adapter's input features (0: exact),
+and ``out_fit``, the relative residual of the output-space map.
+
+Cost: both models are loaded (float32) and run on the probe text, once per transfer (a batch
+shares it); every regression is a Cholesky solve of an n × n Gram matrix in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from crosslora.anchor.probe import INPUT_SPACE, align, collect, load_model, sample_texts
+from crosslora.anchor.vocab import load_tokenizer
+from crosslora.arch.layout import Layout
+from crosslora.errors import CrossLoraError
+from crosslora.lora import LoraFactors
+from crosslora.methods.base import Method, MethodOutput, ModuleContext, Unsupported, register
+
+log = logging.getLogger("crosslora")
+
+ALPHA = 1e-2  # ridge, relative to the mean eigenvalue of the Gram matrix
+N_TEXTS = 64  # probe texts, half sampled from each model
+TEXT_TOKENS = 96  # new tokens per probe text
+SEED = 0
+MIN_POSITIONS = 256
+
+
+class Ridge:
+    """``(G + λ I)⁻¹`` for ``G = Xᵀ X`` as a Cholesky factor, float64, ``λ = ALPHA tr(G)/n``."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        # the factorisation in float64; the product too where it is cheap (n <= 1024), else in
+        # float32 (a 5000 x 4864 product is 8x slower in float64 on a CPU)
+        gram = x.double().mT @ x.double() if x.shape[1] <= 1024 else (x.mT @ x).double()
+        n = gram.shape[0]
+        lam = ALPHA * float(gram.diagonal().sum()) / n
+        if not lam > 0:
+            raise Unsupported("the probe activations of this module are all zero")
+        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+        for boost in (1.0, 10.0, 100.0):  # float32 rounding can leave G + λI barely indefinite
+            self.chol, info = torch.linalg.cholesky_ex(gram + boost * lam * eye)
+            if int(info) == 0:
+                return
+        raise Unsupported("the probe activations' Gram matrix is not positive definite")
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(rhs.double(), self.chol)
+
+
+def map_output(y_s: torch.Tensor, y_t: torch.Tensor, ridge_s: Ridge, b: torch.Tensor):
+    """``M b`` with ``M = Y_tᵀ Y_s (Y_sᵀ Y_s + λ)⁻¹`` (m_t × m_s), never formed."""
+    return y_t.double().mT @ (y_s.double() @ ridge_s.solve(b))
+
+
+def _rel(fit: torch.Tensor, want: torch.Tensor) -> float:
+    return float((fit - want).norm() / want.norm().clamp_min(1e-30))
+
+
+@register
+class Matched(Method):
+    name = "matched"
+    summary = "regress the update on both models' activations over self-generated probe text"
+    needs_weights = True
+    default_layer_map = "depth"
+
+    def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
+        tok_s = load_tokenizer(src.checkpoint.path, "source model")
+        tok_t = load_tokenizer(tgt.checkpoint.path, "target model")
+        model_s = load_model(src.checkpoint.path, device, "source model")
+        model_t = load_model(tgt.checkpoint.path, device, "target model")
+        half = N_TEXTS // 2
+        texts = sample_texts(model_s, tok_s, half, TEXT_TOKENS, SEED) + sample_texts(
+            model_t, tok_t, N_TEXTS - half, TEXT_TOKENS, SEED + 1
+        )
+        batch_s, batch_t = align(texts, tok_s, tok_t)
+        n = sum(len(p) for p in batch_s.positions)
+        if n < MIN_POSITIONS:
+            raise CrossLoraError(
+                f"only {n} positions of the probe text align between the two tokenizers "
+                f"(need {MIN_POSITIONS}); the matched method cannot fit its maps"
+            )
+        self.acts_s = collect(model_s, src, batch_s, _pad_id(tok_s))
+        del model_s
+        self.acts_t = collect(model_t, tgt, batch_t, _pad_id(tok_t))
+        del model_t
+        self.device = device
+        self._ridges: dict[tuple, Ridge] = {}
+        self.src_layers, self.tgt_layers = src.num_layers, tgt.num_layers
+        return {"probe_texts": len(texts), "probe_positions": n,
+                "probe_tokens_source": sum(len(i) for i in batch_s.ids),
+                "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
+
+    def _ridge(self, key: tuple, x: torch.Tensor) -> Ridge:
+        if key not in self._ridges:
+            if len(self._ridges) > 16:  # layers come in order: keep only recent factors
+                self._ridges.pop(next(iter(self._ridges)))
+            self._ridges[key] = Ridge(x)
+        return self._ridges[key]
+
+    def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
+        """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
+        return acts.residual[min(layer + 1, num_layers - 1)].to(self.device)
+
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+        assert ctx.src and ctx.tgt
+        role, ls, lt = ctx.src.role, ctx.src.layer, ctx.tgt.layer
+        space = INPUT_SPACE[role]
+        x_s = self.acts_s.inputs[(ls, space)].to(self.device)
+        x_t = self.acts_t.inputs[(lt, space)].to(self.device)
+        A, B = lora.A.to(self.device), lora.B.to(self.device)
+        feats = x_s.double() @ A.double().mT  # (N, r): what the adapter reads on the source
+        a_t = self._ridge(("in", lt, space), x_t).solve(x_t.double().mT @ feats).mT  # (r, n_t)
+        in_fit = _rel(x_t.double() @ a_t.mT, feats)
+        if role in ("o", "down"):
+            y_s = self._after(self.acts_s, ls, self.src_layers)
+            y_t = self._after(self.acts_t, lt, self.tgt_layers)
+            key = ("res", ls, lt)
+        elif role in ("gate", "up"):  # the neuron space: its activations span all of it
+            y_s = self.acts_s.inputs[(ls, "mlp_mid")].to(self.device)
+            y_t = self.acts_t.inputs[(lt, "mlp_mid")].to(self.device)
+            key = ("mid", ls, lt)
+        else:
+            y_s = x_s @ ctx.src_weight().to(self.device).mT
+            y_t = x_t @ ctx.tgt_weight().to(self.device).mT
+            key = ("out", ls, lt, role)
+        ridge = self._ridge(key, y_s) if key[0] != "out" else Ridge(y_s)
+        b_t = map_output(y_s, y_t, ridge, B)
+        # how well the output map explains the target's outputs from the source's, on 16 random
+        # directions of the target's output space (an unbiased estimate of the relative residual)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        want = y_t.double() @ torch.randn(y_t.shape[1], 16, dtype=torch.float64,
+                                          generator=gen).to(self.device)  # fmt: skip
+        out_fit = _rel(y_s.double() @ ridge.solve(y_s.double().mT @ want), want)
+        out = LoraFactors(a_t.float(), b_t.float(), lora.scale)
+        if not out.is_finite():
+            raise Unsupported("the fitted maps produced NaN or Inf")
+        return MethodOutput(out, {"in_fit": round(in_fit, 6), "out_fit": round(out_fit, 6)})
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
