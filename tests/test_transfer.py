@@ -352,3 +352,42 @@ def test_fused_phi3_to_gpt_neox_with_cross_lora_matches_the_unfused_computation(
         u_t, _, v_t = svd_bases(wt, k_u, k_v)
         want = u_t @ (u_s.T @ ds @ v_s) @ v_t.T
         assert rel_err(dt, want) < 1e-4, role
+
+
+def test_merge_layer_map_adds_every_source_layer_and_keeps_the_rank(
+    tiny_model, tiny_adapter, tmp_path
+):
+    """A deeper source (4 layers) onto a shallower target (2): ``merge`` sends every source layer
+    somewhere; the updates landing on one target layer add, and the written LoRA is the best
+    rank-r approximation of that sum (checked densely, with crop-pad's maps)."""
+    from safetensors.torch import load_file
+
+    src, tgt, adapter = tiny_model("llama-deep"), tiny_model("llama"), tiny_adapter("llama-deep")
+    out = transfer(adapter, src, tgt, tmp_path / "out", "crop-pad", "--layer-map", "merge")
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["layer_map"]["unmatched_source_layers"] == []
+    pairs = {int(i): j for i, j in report["layer_map"]["pairs"].items()}
+    assert pairs == {0: 0, 1: 0, 2: 1, 3: 1}
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    src_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    r = src_cfg["r"]
+    assert cfg["r"] == r
+    got, given = (
+        load_file(out / "adapter_model.safetensors"),
+        load_file(adapter / "adapter_model.safetensors"),
+    )
+    prefix = "base_model.model.model.layers"
+    for j in (0, 1):
+        for mod in ("self_attn.q_proj", "mlp.down_proj"):
+            b = got[f"{prefix}.{j}.{mod}.lora_B.weight"].double()
+            a = got[f"{prefix}.{j}.{mod}.lora_A.weight"].double()
+            m, n = b.shape[0], a.shape[1]
+            want = sum(
+                given[f"{prefix}.{i}.{mod}.lora_B.weight"].double()[:m]
+                @ given[f"{prefix}.{i}.{mod}.lora_A.weight"].double()[:, :n]
+                for i, t in pairs.items() if t == j
+            )  # fmt: skip
+            u, s_, vh = torch.linalg.svd(want)
+            best = (u[:, :r] * s_[:r]) @ vh[:r]
+            assert torch.allclose(b @ a, best, atol=1e-5 * float(best.abs().max())), (j, mod)
+            assert s_[r] > 1e-6 * s_[0]  # the sum really had more than rank r to truncate

@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from crosslora.arch.layout import ROLES, Layout, RoleRef, Slot
 from crosslora.basis_cache import CACHE_VERSION, BasisCache
 from crosslora.linalg import DEFAULT_FAST, svd_bases
-from crosslora.lora import LoraFactors
+from crosslora.lora import LoraFactors, refactor
 from crosslora.methods import Method, ModuleContext, Unsupported, get_method
 from crosslora.plan import Inputs, ModuleTask, TransferPlan
 
@@ -225,11 +225,30 @@ def join_roles(slot: Slot, parts: dict[str, LoraFactors]) -> LoraFactors:
 
 
 def assemble(results: list[ModuleResult]) -> dict[str, LoraFactors]:
-    """Target module path -> its LoRA factors, joining the roles of fused modules."""
-    by_slot: dict[str, tuple[Slot, dict[str, LoraFactors]]] = {}
+    """Target module path -> its LoRA factors, joining the roles of fused modules.
+
+    Several results for one target role (the ``merge`` layer map) add: their factors stack and
+    the sum is re-factorised to the largest of their ranks (``merge_updates``)."""
+    by_slot: dict[str, tuple[Slot, dict[str, list[LoraFactors]]]] = {}
     for res in results:
         if res.factors is None:
             continue
         slot = res.task.tgt.slot
-        by_slot.setdefault(slot.module, (slot, {}))[1][res.task.tgt.role] = res.factors
-    return {module: join_roles(slot, parts) for module, (slot, parts) in by_slot.items()}
+        by_slot.setdefault(slot.module, (slot, {}))[1].setdefault(res.task.tgt.role, []).append(
+            res.factors
+        )
+    return {
+        module: join_roles(slot, {role: merge_updates(fs) for role, fs in parts.items()})
+        for module, (slot, parts) in by_slot.items()
+    }
+
+
+def merge_updates(parts: list[LoraFactors]) -> LoraFactors:
+    """``Σ scale_i B_i A_i`` as one LoRA of rank ``max r_i``: the best rank-r approximation of the
+    sum (exact when the parts' sum has that rank), computed from the stacked factors."""
+    if len(parts) == 1:
+        return parts[0]
+    scale = parts[0].scale
+    A = torch.cat([p.A for p in parts], dim=0)
+    B = torch.cat([p.B * (p.scale / scale) for p in parts], dim=1)
+    return refactor(LoraFactors(A, B, scale), max(p.r for p in parts))

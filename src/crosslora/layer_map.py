@@ -1,12 +1,16 @@
 """Which source layer's update goes to which target layer.
 
-Both rules give a partial one-to-one matching: every layer of the shallower model is paired with
-one distinct layer of the deeper one, and the rest are reported as unmatched.
-
 - ``index`` (the paper's): layer i ↔ layer i; the deeper model's extra layers are unmatched.
-- ``depth``: by relative depth. Layer i of the shallower model (n layers) is paired with layer
-  ``floor(i · (N-1)/(n-1) + 1/2)`` of the deeper one (N layers), so first ↔ first and
-  last ↔ last; the slope is ≥ 1, so no two layers collide.
+- ``depth``: by relative depth, one to one. Layer i of the shallower model (n layers) is paired
+  with layer ``floor(i · (N-1)/(n-1) + 1/2)`` of the deeper one (N layers), so first ↔ first and
+  last ↔ last; the slope is ≥ 1, so no two layers collide. A deeper source loses the updates of
+  its unpaired layers.
+- ``merge``: by relative depth, every source layer: source layer i goes to target layer
+  ``floor(i · (N_t-1)/(N_s-1) + 1/2)``. From a deeper source several layers land on one target
+  layer; their updates add there (each layer's update is a residual-stream increment, so the
+  sum is what the stack of layers contributed), and the sum is re-factorised to the adapter's
+  rank (its best rank-r approximation, ``lora.refactor``). From a shallower or equally deep
+  source it is ``depth``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 from crosslora.errors import CrossLoraError
 
-LAYER_MAPS = ("index", "depth")
+LAYER_MAPS = ("index", "depth", "merge")
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class LayerMap:
     kind: str
     src_layers: int
     tgt_layers: int
-    pairs: dict[int, int]  # source layer -> target layer
+    pairs: dict[int, int]  # source layer -> target layer (several may share one: ``merge``)
 
     @property
     def unmatched_src(self) -> list[int]:
@@ -41,9 +45,17 @@ def map_layers(kind: str, src_layers: int, tgt_layers: int) -> LayerMap:
         pairs = {i: i for i in range(min(src_layers, tgt_layers))}
     elif kind == "depth":
         pairs = _by_depth(src_layers, tgt_layers)
+    elif kind == "merge" and src_layers > tgt_layers:
+        pairs = {i: _nearest(i, src_layers, tgt_layers) for i in range(src_layers)}
+    elif kind == "merge":
+        pairs = _by_depth(src_layers, tgt_layers)
     else:
         raise CrossLoraError(f"unknown layer map {kind!r}; choose from {', '.join(LAYER_MAPS)}")
     return LayerMap(kind, src_layers, tgt_layers, pairs)
+
+
+def _nearest(i: int, n_src: int, n_tgt: int) -> int:
+    return math.floor(i * (n_tgt - 1) / max(n_src - 1, 1) + 0.5)
 
 
 def _by_depth(n_src: int, n_tgt: int) -> dict[int, int]:

@@ -156,8 +156,7 @@ def collect(model, layout: Layout, batch: ProbeBatch, pad_id: int, chunk: int = 
         except AttributeError as err:
             raise CrossLoraError(f"{layout.what}: the loaded model has no module {module}") from err
         handles.append(sub.register_forward_pre_hook(hook_for(key), with_kwargs=True))
-    layers = model.get_submodule(layout.family.layers)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(model.get_submodule(layout.family.layers)):
         handles.append(layer.register_forward_pre_hook(hook_for(("residual", i)), with_kwargs=True))
     body = model.base_model  # the transformer without its LM head: no logits needed here
     try:
@@ -177,8 +176,8 @@ def collect(model, layout: Layout, batch: ProbeBatch, pad_id: int, chunk: int = 
     finally:
         for h in handles:
             h.remove()
-    for key, xs in parts.items():
-        x = torch.cat(xs)
+    for key in list(parts):
+        x = torch.cat(parts.pop(key))
         if key[0] == "residual":
             acts.residual[key[1]] = x
         else:

@@ -17,7 +17,10 @@ With ``ΔW = B A`` this splits into two ridge regressions that keep the rank and
   outputs ``Y = X Wᵀ`` (head spaces); for gate and up the MLP's neuron activations (what down
   reads: the pre-activations ``X Wᵀ`` span only a residual-width slice of the wider neuron space,
   the activations all of it); for o and down, which write the residual stream, the residual
-  stream after the layer, where the update lands.
+  stream after the layer, ``M = M_res``. Where a family normalises the output before adding it
+  (Gemma 2/3's post-norms), an output change ``δy`` reaches the residual as ``g ⊙ δy / rms(y)``,
+  so ``M = S_t⁻¹ M_res S_s`` with ``S = diag(g) / rms(y)`` (``rms(y)`` the median over probe
+  positions of the module output's RMS; ``g⁻¹`` regularised near zero).
 
 ``λ = ALPHA · tr(G) / n`` for a Gram matrix ``G`` (n × n): a ridge relative to the mean variance,
 so nothing depends on the models' activation scales. The magnitude of the update needs no
@@ -40,6 +43,7 @@ import logging
 import torch
 
 from crosslora.anchor.probe import INPUT_SPACE, align, collect, load_model, sample_texts
+from crosslora.anchor.spaces import norm_gain, safe_inverse
 from crosslora.anchor.vocab import load_tokenizer
 from crosslora.arch.layout import Layout
 from crosslora.errors import CrossLoraError
@@ -53,6 +57,7 @@ N_TEXTS = 64  # probe texts, half sampled from each model
 TEXT_TOKENS = 96  # new tokens per probe text
 SEED = 0
 MIN_POSITIONS = 256
+POST_NORM = {"o": "post_attn_norm", "down": "post_mlp_norm"}  # family fields (Gemma 2/3)
 
 
 class Ridge:
@@ -91,7 +96,7 @@ class Matched(Method):
     name = "matched"
     summary = "regress the update on both models' activations over self-generated probe text"
     needs_weights = True
-    default_layer_map = "depth"
+    default_layer_map = "merge"
 
     def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
         tok_s = load_tokenizer(src.checkpoint.path, "source model")
@@ -115,7 +120,6 @@ class Matched(Method):
         del model_t
         self.device = device
         self._ridges: dict[tuple, Ridge] = {}
-        self.src_layers, self.tgt_layers = src.num_layers, tgt.num_layers
         return {"probe_texts": len(texts), "probe_positions": n,
                 "probe_tokens_source": sum(len(i) for i in batch_s.ids),
                 "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
@@ -126,10 +130,6 @@ class Matched(Method):
                 self._ridges.pop(next(iter(self._ridges)))
             self._ridges[key] = Ridge(x)
         return self._ridges[key]
-
-    def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
-        """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
-        return acts.residual[min(layer + 1, num_layers - 1)].to(self.device)
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
         assert ctx.src and ctx.tgt
@@ -142,10 +142,8 @@ class Matched(Method):
         a_t = self._ridge(("in", lt, space), x_t).solve(x_t.double().mT @ feats).mT  # (r, n_t)
         in_fit = _rel(x_t.double() @ a_t.mT, feats)
         if role in ("o", "down"):
-            y_s = self._after(self.acts_s, ls, self.src_layers)
-            y_t = self._after(self.acts_t, lt, self.tgt_layers)
-            key = ("res", ls, lt)
-        elif role in ("gate", "up"):  # the neuron space: its activations span all of it
+            return self._residual_write(lora, ctx, a_t, in_fit, x_s, x_t)
+        if role in ("gate", "up"):  # the neuron space: its activations span all of it
             y_s = self.acts_s.inputs[(ls, "mlp_mid")].to(self.device)
             y_t = self.acts_t.inputs[(lt, "mlp_mid")].to(self.device)
             key = ("mid", ls, lt)
@@ -153,18 +151,51 @@ class Matched(Method):
             y_s = x_s @ ctx.src_weight().to(self.device).mT
             y_t = x_t @ ctx.tgt_weight().to(self.device).mT
             key = ("out", ls, lt, role)
-        ridge = self._ridge(key, y_s) if key[0] != "out" else Ridge(y_s)
+        ridge = self._ridge(key, y_s) if key[0] == "mid" else Ridge(y_s)
         b_t = map_output(y_s, y_t, ridge, B)
-        # how well the output map explains the target's outputs from the source's, on 16 random
-        # directions of the target's output space (an unbiased estimate of the relative residual)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        want = y_t.double() @ torch.randn(y_t.shape[1], 16, dtype=torch.float64,
-                                          generator=gen).to(self.device)  # fmt: skip
-        out_fit = _rel(y_s.double() @ ridge.solve(y_s.double().mT @ want), want)
-        out = LoraFactors(a_t.float(), b_t.float(), lora.scale)
-        if not out.is_finite():
-            raise Unsupported("the fitted maps produced NaN or Inf")
-        return MethodOutput(out, {"in_fit": round(in_fit, 6), "out_fit": round(out_fit, 6)})
+        return _output(a_t, b_t, lora, in_fit, _out_fit(y_s, y_t, ridge))
+
+    def _residual_write(self, lora, ctx, a_t, in_fit, x_s, x_t) -> MethodOutput:
+        """o and down: ``B_t = S_t⁻¹ M_res S_s B_s`` (see the module docstring)."""
+        ls, lt = ctx.src.layer, ctx.tgt.layer
+        h_s = self._after(self.acts_s, ls, ctx.src_layout.num_layers)
+        h_t = self._after(self.acts_t, lt, ctx.tgt_layout.num_layers)
+        ridge = self._ridge(("res", ls, lt), h_s)
+        field = POST_NORM[ctx.src.role]
+        g_s = norm_gain(ctx.src_layout, field, ls)
+        g_t = norm_gain(ctx.tgt_layout, field, lt)
+        B = lora.B.to(self.device).double()
+        if g_s is not None:
+            B = B * (g_s.to(self.device)[:, None] / _median_rms(x_s @ ctx.src_weight().mT))
+        b_t = map_output(h_s, h_t, ridge, B)
+        if g_t is not None:
+            rms_t = _median_rms(x_t @ ctx.tgt_weight().to(self.device).mT)
+            b_t = b_t * (safe_inverse(g_t).to(self.device)[:, None] * rms_t)
+        return _output(a_t, b_t, lora, in_fit, _out_fit(h_s, h_t, ridge))
+
+    def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
+        """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
+        return acts.residual[min(layer + 1, num_layers - 1)].to(self.device)
+
+
+def _median_rms(y: torch.Tensor) -> float:
+    return float(y.double().pow(2).mean(dim=1).sqrt().median().clamp_min(1e-30))
+
+
+def _out_fit(y_s: torch.Tensor, y_t: torch.Tensor, ridge: Ridge) -> float:
+    """How well the output map explains the target's outputs from the source's, on 16 random
+    directions of the target's output space (an unbiased estimate of the relative residual)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(y_t.shape[1], 16, dtype=torch.float64, generator=gen)
+    want = y_t.double() @ probe.to(y_t.device)
+    return _rel(y_s.double() @ ridge.solve(y_s.double().mT @ want), want)
+
+
+def _output(a_t, b_t, lora: LoraFactors, in_fit: float, out_fit: float) -> MethodOutput:
+    out = LoraFactors(a_t.float(), b_t.float(), lora.scale)
+    if not out.is_finite():
+        raise Unsupported("the fitted maps produced NaN or Inf")
+    return MethodOutput(out, {"in_fit": round(in_fit, 6), "out_fit": round(out_fit, 6)})
 
 
 def _pad_id(tokenizer) -> int:
