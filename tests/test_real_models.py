@@ -28,7 +28,7 @@ def real_models():
     return smol, gemma
 
 
-@pytest.mark.parametrize("method", ["cross-lora", "anchored", "crop-pad"])
+@pytest.mark.parametrize("method", ["matched", "cross-lora", "anchored", "crop-pad"])
 def test_smollm2_adapter_to_gemma3_loads_and_runs(real_models, method, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
