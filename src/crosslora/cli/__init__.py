@@ -64,10 +64,15 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 
 class _BarAwareHandler(logging.StreamHandler):
-    """Writes around an active tqdm progress bar, so a warning never shares the bar's line."""
+    """Writes around an active tqdm progress bar, so a warning never shares the bar's line.
+
+    Always to the current ``sys.stderr``: a library caller who ran ``main`` once and then
+    redirected or closed the stream it had must not get logging errors later."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
+
+        self.stream = sys.stderr
 
         if not getattr(tqdm, "_instances", None):
             return super().emit(record)
