@@ -23,9 +23,14 @@ With ``ΔW = B A`` this splits into two ridge regressions that keep the rank and
   positions of the module output's RMS; ``g⁻¹`` regularised near zero).
 
 ``λ = ALPHA · tr(G) / n`` for a Gram matrix ``G`` (n × n): a ridge relative to the mean variance,
-so nothing depends on the models' activation scales. The magnitude of the update needs no
-calibration: the regressions are in the models' own units (Gemma's √d embeddings and large norm
-gains included), and an update the target cannot express shrinks rather than turning into noise.
+so nothing depends on the models' activation scales; the regressions are in the models' own
+units (Gemma's √d embeddings and large norm gains included).
+
+Magnitude: the mapped update is shrunk by how much of it the fits explain, ``(1 − in_fit²)(1 −
+out_fit²)``, and never left acting larger, relative to its module's output on the probe, than
+on the source (``shrinkage``). Without this, pairs whose maps explain half the variance or less
+got updates of full size (up to 18× the source's, relative to the base weight) in poorly fitted
+directions, and the target's NLL worsened.
 
 On function-preserving twins the activations are exact rotations / permutations / zero-paddings
 of each other, so the maps are exact up to the ridge. Per module the report gives ``in_fit``,
@@ -153,7 +158,7 @@ class Matched(Method):
             key = ("out", ls, lt, role)
         ridge = self._ridge(key, y_s) if key[0] == "mid" else Ridge(y_s)
         b_t = map_output(y_s, y_t, ridge, B)
-        return _output(a_t, b_t, lora, in_fit, _out_fit(y_s, y_t, ridge))
+        return _output(a_t, b_t, lora, ctx, (x_s, x_t), in_fit, _out_fit(y_s, y_t, ridge))
 
     def _residual_write(self, lora, ctx, a_t, in_fit, x_s, x_t) -> MethodOutput:
         """o and down: ``B_t = S_t⁻¹ M_res S_s B_s`` (see the module docstring)."""
@@ -171,7 +176,7 @@ class Matched(Method):
         if g_t is not None:
             rms_t = _median_rms(x_t @ ctx.tgt_weight().to(self.device).mT)
             b_t = b_t * (safe_inverse(g_t).to(self.device)[:, None] * rms_t)
-        return _output(a_t, b_t, lora, in_fit, _out_fit(h_s, h_t, ridge))
+        return _output(a_t, b_t, lora, ctx, (x_s, x_t), in_fit, _out_fit(h_s, h_t, ridge))
 
     def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
         """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
@@ -191,11 +196,42 @@ def _out_fit(y_s: torch.Tensor, y_t: torch.Tensor, ridge: Ridge) -> float:
     return _rel(y_s.double() @ ridge.solve(y_s.double().mT @ want), want)
 
 
-def _output(a_t, b_t, lora: LoraFactors, in_fit: float, out_fit: float) -> MethodOutput:
+def _output(a_t, b_t, lora: LoraFactors, ctx: ModuleContext, xs: tuple, in_fit: float,
+            out_fit: float) -> MethodOutput:  # fmt: skip
+    """The factors, shrunk by how much of the mapped update the fits explain (see ``shrinkage``)."""
     out = LoraFactors(a_t.float(), b_t.float(), lora.scale)
     if not out.is_finite():
         raise Unsupported("the fitted maps produced NaN or Inf")
-    return MethodOutput(out, {"in_fit": round(in_fit, 6), "out_fit": round(out_fit, 6)})
+    x_s, x_t = xs
+    rel_s = _relative_effect(x_s, lora, ctx.src_weight())
+    rel_t = _relative_effect(x_t, out, ctx.tgt_weight())
+    shrink = shrinkage(in_fit, out_fit, rel_s, rel_t)
+    out = LoraFactors(out.A, out.B * shrink, out.scale)
+    return MethodOutput(out, {"in_fit": round(in_fit, 6), "out_fit": round(out_fit, 6),
+                              "shrink": round(shrink, 6)})  # fmt: skip
+
+
+def _relative_effect(x: torch.Tensor, lora: LoraFactors, w: torch.Tensor) -> float:
+    """``‖X ΔWᵀ‖ / ‖X Wᵀ‖`` on the probe: the update's size relative to the module's own output,
+    in function space (unchanged by reparametrisations such as folded norm gains)."""
+    x = x.double()
+    delta = (x @ lora.A.to(x.device).double().mT) @ lora.B.to(x.device).double().mT
+    base = x @ w.to(x.device).double().mT
+    return abs(lora.scale) * float(delta.norm()) / max(float(base.norm()), 1e-30)
+
+
+def shrinkage(in_fit: float, out_fit: float, rel_s: float, rel_t: float) -> float:
+    """The mapped update's scale: ``(1 − in_fit²)(1 − out_fit²) · min(1, rel_s / rel_t)``.
+
+    ``1 − fit²`` is the share of the variance a map explains (``fit`` its relative residual), so
+    the product estimates the share of the mapped update that carries the source's effect rather
+    than fitting error; scaling by it is the Wiener-style choice (an estimate whose reliable part
+    is ρ² of it is best used at ρ², not at full strength). ``rel = ‖X ΔWᵀ‖/‖X Wᵀ‖`` on the probe:
+    the update never acts larger, relative to its module's output, than it did on the source.
+    On exact maps (twins) the factor is 1.
+    """
+    explained = max(0.0, 1 - in_fit**2) * max(0.0, 1 - out_fit**2)
+    return explained * min(1.0, rel_s / max(rel_t, 1e-30))
 
 
 def _pad_id(tokenizer) -> int:
