@@ -22,7 +22,7 @@ BASES_PER_RUN = 2 * 14  # llama -> qwen2 by index: 2 layer pairs x 7 roles, sour
 
 
 def run(adapter, src, tgt, out, cache_dir: Path | None, **kw) -> dict:
-    options = TransferOptions(cache=cache_dir is not None, cache_dir=str(cache_dir or ""),
+    options = TransferOptions(method="cross-lora", cache=cache_dir is not None, cache_dir=str(cache_dir or ""),
                               cache_min_elements=0, **kw)  # fmt: skip
     return transfer(str(adapter), str(src), str(tgt), out, options, progress=False)
 
@@ -107,7 +107,8 @@ def test_two_transfers_sharing_one_cache_run_concurrently(pair, tmp_path):
     code = (
         "import sys; from crosslora.transfer import TransferOptions, transfer; "
         "transfer(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "
-        "TransferOptions(cache_dir=sys.argv[5], cache_min_elements=0), progress=False)"
+        "TransferOptions(method='cross-lora', cache_dir=sys.argv[5], cache_min_elements=0), "
+        "progress=False)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
     argv = [sys.executable, "-c", code, str(adapter), str(src), str(tgt)]
@@ -126,7 +127,7 @@ def test_two_transfers_sharing_one_cache_run_concurrently(pair, tmp_path):
 
 def test_small_weights_are_not_cached_by_default(pair, tmp_path):
     adapter, src, tgt = pair
-    options = TransferOptions(cache_dir=str(tmp_path / "cache"))
+    options = TransferOptions(method="cross-lora", cache_dir=str(tmp_path / "cache"))
     report = transfer(str(adapter), str(src), str(tgt), tmp_path / "a", options, progress=False)
     assert report["basis_cache"]["misses"] == 0 and not (tmp_path / "cache").exists()
 
@@ -223,7 +224,7 @@ def test_base_weights_are_read_shard_by_shard_and_not_kept(tiny_model, tiny_adap
     monkeypatch.setattr(Checkpoint, "get", get)
     adapter = tiny_adapter("llama-deep")
     transfer(str(adapter), str(src), str(src), tmp_path / "out",
-             TransferOptions(cache=False), progress=False)  # fmt: skip
+             TransferOptions(method="cross-lora", cache=False), progress=False)  # fmt: skip
     assert reads == sorted(reads)  # shard order, each shard once
     assert len(reads) == 2 * 4 * 7  # once per role and model (4 layers x 7 roles, both sides)
     assert all(ref() is None for ref in alive)

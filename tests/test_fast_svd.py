@@ -122,7 +122,7 @@ def test_fast_transfer_matches_exact_transfer(spectral_pair, tmp_path):
     for mode in ("fast", "exact"):
         argv = ["transfer", "-q", "--adapter", str(adapter), "--source-model", str(src),
                 "--target-model", str(tgt), "--out-path", str(tmp_path / mode),
-                "--truncation-rank", "40", "--svd", mode, "--no-cache"]  # fmt: skip
+                "--truncation-rank", "40", "--svd", mode, "--no-cache", "--method", "cross-lora"]  # fmt: skip
         assert main(argv) == 0
         outs[mode] = load_file(tmp_path / mode / "adapter_model.safetensors")
         report = json.loads((tmp_path / mode / "transfer_report.json").read_text())

@@ -236,7 +236,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(
     args = [tiny_adapter("llama"), tiny_model("llama"), tiny_model("qwen2")]
     capsys.readouterr()  # drop fixture output
     argv = ["transfer", "--adapter", str(args[0]), "--source-model", str(args[1]),
-            "--target-model", str(args[2]), "--out-path", str(out)]  # fmt: skip
+            "--target-model", str(args[2]), "--out-path", str(out), "--method", "cross-lora"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [

@@ -7,7 +7,7 @@ from crosslora.methods import anchored, copy, crop_pad, cross_lora, lora_x, matc
 from crosslora.methods.base import METHODS, Method, MethodOutput, ModuleContext, Unsupported
 
 # The method `crosslora transfer` uses unless told otherwise.
-DEFAULT_METHOD = "cross-lora"
+DEFAULT_METHOD = "matched"
 
 __all__ = [
     "DEFAULT_METHOD",
