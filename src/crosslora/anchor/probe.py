@@ -67,9 +67,14 @@ def _start_id(tokenizer) -> int:
 
 
 @torch.no_grad()
-def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 16) -> list[str]:
-    """``n`` texts of ``length`` new tokens sampled from ``model`` from its start token alone."""
+def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 16,
+                 desc: str | None = None) -> list[str]:  # fmt: skip
+    """``n`` texts of ``length`` new tokens sampled from ``model`` from its start token alone
+    (a progress bar labelled ``desc`` when given)."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
+    bar = tqdm(total=n * length, desc=desc, unit="tok", disable=desc is None)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = _start_id(tokenizer)
     texts: list[str] = []
@@ -86,7 +91,9 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 
             pick = torch.multinomial(top_p / top_p.sum(-1, keepdim=True), 1, generator=gen)
             step_ids = order.gather(-1, pick).to(device)
             ids = torch.cat([ids, step_ids], dim=1)
+            bar.update(len(ids))
         texts += tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)
+    bar.close()
     return [t for t in texts if t.strip()]
 
 

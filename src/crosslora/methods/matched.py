@@ -109,9 +109,13 @@ class Matched(Method):
         model_s = load_model(src.checkpoint.path, device, "source model")
         model_t = load_model(tgt.checkpoint.path, device, "target model")
         half = N_TEXTS // 2
-        texts = sample_texts(model_s, tok_s, half, TEXT_TOKENS, SEED) + sample_texts(
-            model_t, tok_t, N_TEXTS - half, TEXT_TOKENS, SEED + 1
-        )
+        bars = log.isEnabledFor(logging.INFO)  # off with -q
+        texts = sample_texts(
+            model_s, tok_s, half, TEXT_TOKENS, SEED, desc="probe text (source)" if bars else None
+        ) + sample_texts(
+            model_t, tok_t, N_TEXTS - half, TEXT_TOKENS, SEED + 1,
+            desc="probe text (target)" if bars else None,
+        )  # fmt: skip
         batch_s, batch_t = align(texts, tok_s, tok_t)
         n = sum(len(p) for p in batch_s.positions)
         if n < MIN_POSITIONS:
