@@ -63,5 +63,5 @@ def _by_depth(n_src: int, n_tgt: int) -> dict[int, int]:
     if shallow == 1:
         matched = {0: (deep - 1) // 2}
     else:
-        matched = {i: math.floor(i * (deep - 1) / (shallow - 1) + 0.5) for i in range(shallow)}
+        matched = {i: _nearest(i, shallow, deep) for i in range(shallow)}
     return matched if n_src <= n_tgt else {j: i for i, j in matched.items()}

@@ -137,18 +137,6 @@ def basis_cache(options: TransferOptions) -> BasisCache | None:
     return BasisCache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
 
 
-def run_plan(
-    inputs: Inputs,
-    plan: TransferPlan,
-    options: TransferOptions,
-    device: torch.device,
-    out: Path,
-    overwrite: bool,
-    progress: bool,
-) -> dict:
-    return run_plans([inputs], [plan], options, device, [out], overwrite, progress)[0]
-
-
 def run_plans(
     batch: list[Inputs],
     plans: list[TransferPlan],

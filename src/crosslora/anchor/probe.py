@@ -59,11 +59,13 @@ def load_model(path: Path, device: torch.device, what: str):
     return model.to(device).eval()
 
 
-def _start_id(tokenizer) -> int:
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+def special_id(tokenizer, *names: str) -> int | None:
+    """The first of the tokenizer's ``<name>_token_id`` that is set (``bos``, ``eos``, ``pad``)."""
+    for name in names:
+        tid = getattr(tokenizer, f"{name}_token_id", None)
         if tid is not None:
             return int(tid)
-    raise CrossLoraError("a tokenizer has no BOS, EOS or pad token to start sampling from")
+    return None
 
 
 @torch.no_grad()
@@ -76,7 +78,9 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 
     device = next(model.parameters()).device
     bar = tqdm(total=n * length, desc=desc, unit="tok", disable=desc is None)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    start = _start_id(tokenizer)
+    start = special_id(tokenizer, "bos", "eos", "pad")
+    if start is None:
+        raise CrossLoraError("a tokenizer has no BOS, EOS or pad token to start sampling from")
     texts: list[str] = []
     for lo in range(0, n, batch):
         ids = torch.full((min(batch, n - lo), 1), start, dtype=torch.long, device=device)

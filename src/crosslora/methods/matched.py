@@ -47,7 +47,14 @@ import logging
 
 import torch
 
-from crosslora.anchor.probe import INPUT_SPACE, align, collect, load_model, sample_texts
+from crosslora.anchor.probe import (
+    INPUT_SPACE,
+    align,
+    collect,
+    load_model,
+    sample_texts,
+    special_id,
+)
 from crosslora.anchor.spaces import norm_gain, safe_inverse
 from crosslora.anchor.vocab import load_tokenizer
 from crosslora.arch.layout import Layout
@@ -123,9 +130,9 @@ class Matched(Method):
                 f"only {n} positions of the probe text align between the two tokenizers "
                 f"(need {MIN_POSITIONS}); the matched method cannot fit its maps"
             )
-        self.acts_s = collect(model_s, src, batch_s, _pad_id(tok_s))
+        self.acts_s = collect(model_s, src, batch_s, special_id(tok_s, "pad", "eos", "bos") or 0)
         del model_s
-        self.acts_t = collect(model_t, tgt, batch_t, _pad_id(tok_t))
+        self.acts_t = collect(model_t, tgt, batch_t, special_id(tok_t, "pad", "eos", "bos") or 0)
         del model_t
         self.device = device
         self._ridges: dict[tuple, Ridge] = {}
@@ -236,10 +243,3 @@ def shrinkage(in_fit: float, out_fit: float, rel_s: float, rel_t: float) -> floa
     """
     explained = max(0.0, 1 - in_fit**2) * max(0.0, 1 - out_fit**2)
     return explained * min(1.0, rel_s / max(rel_t, 1e-30))
-
-
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
