@@ -80,6 +80,23 @@ def test_accuracy_knobs_tighten_the_result():
     assert max_principal_angle(exact, tight) < max_principal_angle(exact, loose) / 10
 
 
+@pytest.mark.parametrize("rank", [0, 5])
+def test_fast_path_on_a_matrix_of_low_rank(rank):
+    """Rank below the Krylov dimension: the blocks degenerate, the result stays finite and the
+    nonzero triplets match the exact ones (a zero matrix: all σ = 0, zero right vectors)."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(600, rank, generator=g) @ torch.randn(rank, 500, generator=g)
+    assert FastSvd().applies(w.shape, 40)
+    u, s, v = svd_bases(w, 40, 40, "fast")
+    assert all(bool(torch.isfinite(t).all()) for t in (u, s, v))
+    ue, se, ve = svd_bases(w, 40, 40, "exact")
+    assert float((s[:rank] - se[:rank]).abs().sum()) < 1e-4 * float(se[0].clamp_min(1))
+    assert float(s[rank:].abs().max()) < 1e-3 * float(se[0].clamp_min(1))
+    top = (u[:, :rank] * s[:rank]) @ v[:, :rank].T
+    want = (ue[:, :rank] * se[:rank]) @ ve[:, :rank].T
+    assert float((top - want).norm()) <= 1e-4 * float(want.norm().clamp_min(1))
+
+
 @pytest.mark.parametrize(("shape", "k"), [((64, 48), 48), ((64, 48), 64), ((300, 300), 120)])
 def test_fast_falls_back_to_exact_when_k_is_large(shape, k):
     """Null-space completion (k > min(m, n)) and large k relative to min(m, n) run the exact SVD:

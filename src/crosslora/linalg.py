@@ -114,14 +114,18 @@ def randomized_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets ``(U, S, V)`` of ``w`` by randomized block Krylov iteration.
 
-    A fixed-seed Gaussian block (reproducible run to run), ``steps`` products with ``W Wᵀ``, each
-    new block orthogonalised against the earlier ones (block Gram-Schmidt, then Cholesky-QR),
-    the whole basis ``K`` re-orthonormalised, then Rayleigh-Ritz: ``B = Kᵀ W``, whose top
-    singular pairs are read off the eigendecomposition of the small ``B Bᵀ`` in float64 (float64
-    keeps the squared condition number harmless). Everything large is a matrix product (LAPACK's
-    QR and SVD are several times slower than GEMM on CPUs). Cost: about ``(2·steps + 1)·b + L``
-    columns of products with ``W`` and an ``L × L`` eigendecomposition, against
-    ``O(m n min(m, n))`` with a large constant for the full SVD.
+    A fixed-seed Gaussian block (reproducible run to run), then ``steps`` products with ``W Wᵀ``,
+    each new block orthogonalised against the earlier ones (block Gram-Schmidt, then
+    Cholesky-QR). The blocks ``Y`` (m, L) are kept with their images ``Z = Wᵀ Y`` (n, L), which
+    the iteration computes anyway (one more product for the last block), so Rayleigh-Ritz needs
+    no further pass over ``W``: with ``G = YᵀY = C Cᵀ`` (Cholesky; ``Y`` is orthonormal up to
+    round-off) the top eigenpairs ``(s², e)`` of ``C⁻¹ (ZᵀZ) C⁻ᵀ`` give ``U = Y C⁻ᵀ e`` and
+    ``V = Z C⁻ᵀ e / s`` (if ``W`` has rank below L the blocks degenerate and ``Y`` is
+    orthonormalised by QR instead, at the cost of one more product). The L × L Gram matrices are formed in float64 (the squared condition
+    number stays harmless). Everything large is a matrix product (LAPACK's QR and SVD are several
+    times slower than GEMM on CPUs). Cost: ``2·steps + 1`` products of ``b`` columns with ``W``,
+    the block orthogonalisation and two Gram matrices, against ``O(m n min(m, n))`` with a large
+    constant for the full SVD.
     """
     m, n = w.shape
     if m > n:  # the Krylov basis in the smaller space: its orthogonalisation costs less
@@ -132,22 +136,38 @@ def randomized_svd(
     omega = torch.randn(n, b, generator=gen, device=w.device, dtype=w.dtype)
     y = _orth(w @ omega, passes=1)
     del omega
-    blocks = [y]
+    blocks, images = [y], []
     for _ in range(fast.steps):
-        y = w @ (w.mT @ y)
+        z = w.mT @ y
+        images.append(z)
+        y = w @ z
         for prev in blocks:  # keep the blocks from collapsing onto the dominant directions
             y = y - prev @ (prev.mT @ y)
         y = _orth(y, passes=1)
         blocks.append(y)
-    basis = _orth(torch.cat(blocks, dim=1), passes=2)
-    del blocks, y
-    proj = (basis.mT @ w).double()  # (L, n)
+    images.append(w.mT @ y)
+    basis, image = torch.cat(blocks, dim=1), torch.cat(images, dim=1)  # (m, L), (n, L)
+    del blocks, images, y
+    gram = basis.double().mT @ basis.double()
     with one_thread():
-        evals, evecs = torch.linalg.eigh(proj @ proj.mT)  # ascending
+        chol, info = torch.linalg.cholesky_ex(gram)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if int(info) != 0 or not float((gram - eye).abs().max()) < 1e-3:
+        # W (numerically) of rank below L: the blocks degenerated; orthonormalise, one more product
+        basis = torch.linalg.qr(basis).Q
+        image = w.mT @ basis
+        chol = eye
+    h = image.double().mT @ image.double()
+    with one_thread():
+        c_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        h = c_inv @ h @ c_inv.mT
+        evals, evecs = torch.linalg.eigh((h + h.mT) / 2)  # ascending
     evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k]
     s = evals.clamp_min(0).sqrt()
-    u = basis @ evecs.to(w.dtype)
-    v = (proj.mT @ (evecs / s.clamp_min(torch.finfo(torch.float64).tiny))).to(w.dtype)
+    coef = c_inv.mT @ evecs
+    u = basis @ coef.to(w.dtype)
+    inv_s = torch.where(s > torch.finfo(w.dtype).tiny, 1 / s, 0)  # zero columns for zero σ
+    v = image @ (coef * inv_s).to(w.dtype)
     return u, s.to(w.dtype), v
 
 
