@@ -120,12 +120,12 @@ def randomized_svd(
     the iteration computes anyway (one more product for the last block), so Rayleigh-Ritz needs
     no further pass over ``W``: with ``G = YᵀY = C Cᵀ`` (Cholesky; ``Y`` is orthonormal up to
     round-off) the top eigenpairs ``(s², e)`` of ``C⁻¹ (ZᵀZ) C⁻ᵀ`` give ``U = Y C⁻ᵀ e`` and
-    ``V = Z C⁻ᵀ e / s`` (if ``W`` has rank below L the blocks degenerate and ``Y`` is
-    orthonormalised by QR instead, at the cost of one more product). The L × L Gram matrices are formed in float64 (the squared condition
-    number stays harmless). Everything large is a matrix product (LAPACK's QR and SVD are several
-    times slower than GEMM on CPUs). Cost: ``2·steps + 1`` products of ``b`` columns with ``W``,
-    the block orthogonalisation and two Gram matrices, against ``O(m n min(m, n))`` with a large
-    constant for the full SVD.
+    ``V = Z C⁻ᵀ e / s``. If ``W`` has rank below L the blocks degenerate and ``Y`` is
+    orthonormalised by QR instead, at the cost of one more product. The L × L Gram matrices are
+    formed in float64 (the squared condition number stays harmless). Everything large is a
+    matrix product (LAPACK's QR and SVD are several times slower than GEMM on CPUs). Cost:
+    ``2·steps + 1`` products of ``b`` columns with ``W``, the block orthogonalisation and two
+    Gram matrices, against ``O(m n min(m, n))`` with a large constant for the full SVD.
     """
     m, n = w.shape
     if m > n:  # the Krylov basis in the smaller space: its orthogonalisation costs less
