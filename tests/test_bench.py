@@ -64,6 +64,20 @@ def test_bench_writes_results_and_a_second_run_evaluates_nothing(config, tmp_pat
     assert "(8 cached, 0 run)" in capsys.readouterr().out
 
 
+def test_changed_code_redoes_the_transfers(config, tmp_path, monkeypatch):
+    """A transfer made by other crosslora code is not reused (its key holds the code's hash)."""
+    import crosslora.bench as bench
+
+    out = tmp_path / "out"
+    assert main(["bench", "-q", str(config), "--out", str(out)]) == 0
+    before = {p.name for p in (out / "adapters").iterdir()}
+    assert len(before) == 4
+    monkeypatch.setattr(bench, "code_digest", lambda: "other code")
+    assert main(["bench", "-q", str(config), "--out", str(out)]) == 0
+    after = {p.name for p in (out / "adapters").iterdir()}
+    assert len(after) == 8 and before < after
+
+
 def test_copy_between_same_shape_models_with_identical_adapter_recovers_exactly(tmp_path):
     """Gap recovered is exactly 1 when the transferred values equal the oracle's."""
     from crosslora.eval.metrics import gap_recovered

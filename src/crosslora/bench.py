@@ -8,8 +8,8 @@ target's own adapter) and each method's transfer, then reports accuracy and NLL 
 items ("undefined" when the oracle's gap is inside the noise).
 
 Resumable: every transfer and every evaluation is cached under ``<out>/cache`` by a hash of its
-inputs (adapter contents, model file identities, settings, crosslora version), so a second run
-with the same inputs evaluates nothing.
+inputs (adapter contents, model file identities, settings, crosslora version and source code; a
+transfer is kept as its adapter folder), so a second run with the same inputs evaluates nothing.
 """
 
 from __future__ import annotations
@@ -99,6 +99,15 @@ def _digest(obj: object) -> str:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def code_digest() -> str:
+    """A hash of crosslora's own source files: a transfer made by other code is not reused."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")) + sorted(root.rglob("*.json")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:20]
+
+
 def folder_identity(folder: Path, content: bool, names: tuple[str, ...] | None = None) -> dict:
     """Files of a folder (all, or ``names``) with their content hash (``content``) or size and
     mtime. Adapters are identified by their two PEFT files only, so notes beside them (README,
@@ -146,6 +155,7 @@ class Runner:
         self.folders = {name: model_folder(m["path"]) for name, m in config.models.items()}
         self.model_ids = {n: folder_identity(f, content=False) for n, f in self.folders.items()}
         self._loaded: tuple[str, object, object] | None = None
+        self.code = code_digest()
 
     def settings(self) -> dict:
         c = self.config
@@ -195,7 +205,7 @@ class Runner:
 
         adapter = Path(self.config.models[source]["adapter"])
         key = _digest({
-            "what": "transfer", "method": method, "version": __version__,
+            "what": "transfer", "method": method, "version": __version__, "code": self.code,
             "source": self.model_ids[source], "target": self.model_ids[target],
             "adapter": folder_identity(adapter, True, ADAPTER_FILES),
             "options": self.config.transfer,
