@@ -3,8 +3,9 @@
 Runs `matched`'s preparation (probe text, both models' activations), then for four target layers
 (0, 1/3, 2/3 and the end of depth, each with its source layer by relative depth) fits the
 MLP-neuron map (what gate/up updates go through) and the residual-stream map (o/down) the way
-the method does, on the first 3/4 of the probe positions, and prints the relative residual on
-those positions and on the last 1/4 (the last 16 probe texts, all sampled by the target):
+the method does, on 3/4 of the probe positions, and prints the relative residual on those
+positions and on the other 1/4 (every fourth run of 96 positions, about one probe text each, so
+both models' texts are in both parts):
 
     .venv/bin/python bench/dev/holdout_fits.py qwen2.5-0.5b gemma3-270m   # names from `models pull`
 """
@@ -23,18 +24,19 @@ from crosslora.io.checkpoint import Checkpoint
 
 def fit(y_s: torch.Tensor, y_t: torch.Tensor) -> tuple[float, float]:
     """Relative residual of the ridge map y_s -> y_t (16 random target directions), fitted on
-    the first 3/4 of the rows: (in sample, held out)."""
-    cut = int(y_s.shape[0] * 0.75)
-    ridge = mm.Ridge(y_s[:cut])
+    3/4 of the rows: (in sample, held out)."""
+    held = (torch.arange(y_s.shape[0]) // 96) % 4 == 3
+    fitted = ~held
+    ridge = mm.Ridge(y_s[fitted])
     probe = torch.randn(y_t.shape[1], 16, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     want = y_t.double() @ probe
-    pred = y_s.double() @ ridge.solve(y_s[:cut].double().mT @ want[:cut])
+    pred = y_s.double() @ ridge.solve(y_s[fitted].double().mT @ want[fitted])
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm())
 
-    return rel(pred[:cut], want[:cut]), rel(pred[cut:], want[cut:])
+    return rel(pred[fitted], want[fitted]), rel(pred[held], want[held])
 
 
 def main() -> None:
