@@ -292,16 +292,16 @@ def sign_ties(src: Path, tgt: Path, adapter: Path, module: str, k: int = 320) ->
     key = f"base_model.model.model.layers.{module}"
     a, b = factors[f"{key}.lora_A.weight"], factors[f"{key}.lora_B.weight"]
     ku, kv = min(k, ws.shape[0], wt.shape[0]), min(k, ws.shape[1], wt.shape[1])
-    deltas, gaps, threads = [], {}, torch.get_num_threads()
+    deltas, threads = [], torch.get_num_threads()
     for n in (1, 2):
         torch.set_num_threads(n)
         us, _, vs = svd_bases(ws, ku, kv, "exact")
         ut, _, vt = svd_bases(wt, ku, kv, "exact")
         deltas.append((ut @ (us.T @ b)).double() @ ((a @ vs) @ vt.T).double())
-        gaps = {"source": pivot_gap(us), "target": pivot_gap(ut)}
     torch.set_num_threads(threads)
     diff = float((deltas[0] - deltas[1]).norm() / deltas[1].norm())
-    return {"exact_1_vs_2_threads": diff, "sign_pivot_gap": gaps}
+    return {"exact_1_vs_2_threads": diff,
+            "sign_pivot_gap": {"source": pivot_gap(us), "target": pivot_gap(ut)}}  # fmt: skip
 
 
 def run_size(size: str, work: Path, layers: int, exact_layers: int, shard_layers: int) -> dict:

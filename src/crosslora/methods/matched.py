@@ -44,6 +44,7 @@ shares it); every regression is a Cholesky solve of an n × n Gram matrix in flo
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -92,6 +93,14 @@ class Ridge:
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_solve(rhs.double(), self.chol)
+
+
+class Probe(NamedTuple):
+    """One module's probe data on one side: its inputs ``x`` (N, n) and base outputs
+    ``y = x Wᵀ`` (N, m) at the aligned positions."""
+
+    x: torch.Tensor
+    y: torch.Tensor
 
 
 def map_output(y_s: torch.Tensor, y_t: torch.Tensor, ridge_s: Ridge, b: torch.Tensor):
@@ -154,24 +163,26 @@ class Matched(Method):
         x_s = self.acts_s.inputs[(ls, space)].to(self.device)
         x_t = self.acts_t.inputs[(lt, space)].to(self.device)
         A, B = lora.A.to(self.device), lora.B.to(self.device)
+        # the base modules' outputs on the probe, (N, m): the q/k/v output spaces, the sizes
+        src = Probe(x_s, x_s @ ctx.src_weight().to(self.device).mT)
+        tgt = Probe(x_t, x_t @ ctx.tgt_weight().to(self.device).mT)
         feats = x_s.double() @ A.double().mT  # (N, r): what the adapter reads on the source
         a_t = self._ridge(("in", lt, space), x_t).solve(x_t.double().mT @ feats).mT  # (r, n_t)
         in_fit = _rel(x_t.double() @ a_t.mT, feats)
         if role in ("o", "down"):
-            return self._residual_write(lora, ctx, a_t, in_fit, x_s, x_t)
+            return self._residual_write(lora, ctx, a_t, in_fit, src, tgt)
         if role in ("gate", "up"):  # the neuron space: its activations span all of it
             y_s = self.acts_s.inputs[(ls, "mlp_mid")].to(self.device)
             y_t = self.acts_t.inputs[(lt, "mlp_mid")].to(self.device)
             key = ("mid", ls, lt)
         else:
-            y_s = x_s @ ctx.src_weight().to(self.device).mT
-            y_t = x_t @ ctx.tgt_weight().to(self.device).mT
+            y_s, y_t = src.y, tgt.y
             key = ("out", ls, lt, role)
         ridge = self._ridge(key, y_s) if key[0] == "mid" else Ridge(y_s)
         b_t = map_output(y_s, y_t, ridge, B)
-        return _output(a_t, b_t, lora, ctx, (x_s, x_t), in_fit, _out_fit(y_s, y_t, ridge))
+        return _output(a_t, b_t, lora, src, tgt, in_fit, _out_fit(y_s, y_t, ridge))
 
-    def _residual_write(self, lora, ctx, a_t, in_fit, x_s, x_t) -> MethodOutput:
+    def _residual_write(self, lora, ctx, a_t, in_fit, src: Probe, tgt: Probe) -> MethodOutput:
         """o and down: ``B_t = S_t⁻¹ M_res S_s B_s`` (see the module docstring)."""
         ls, lt = ctx.src.layer, ctx.tgt.layer
         h_s = self._after(self.acts_s, ls, ctx.src_layout.num_layers)
@@ -182,12 +193,11 @@ class Matched(Method):
         g_t = norm_gain(ctx.tgt_layout, field, lt)
         B = lora.B.to(self.device).double()
         if g_s is not None:
-            B = B * (g_s.to(self.device)[:, None] / _median_rms(x_s @ ctx.src_weight().mT))
+            B = B * (g_s.to(self.device)[:, None] / _median_rms(src.y))
         b_t = map_output(h_s, h_t, ridge, B)
         if g_t is not None:
-            rms_t = _median_rms(x_t @ ctx.tgt_weight().to(self.device).mT)
-            b_t = b_t * (safe_inverse(g_t).to(self.device)[:, None] * rms_t)
-        return _output(a_t, b_t, lora, ctx, (x_s, x_t), in_fit, _out_fit(h_s, h_t, ridge))
+            b_t = b_t * (safe_inverse(g_t).to(self.device)[:, None] * _median_rms(tgt.y))
+        return _output(a_t, b_t, lora, src, tgt, in_fit, _out_fit(h_s, h_t, ridge))
 
     def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
         """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
@@ -207,28 +217,24 @@ def _out_fit(y_s: torch.Tensor, y_t: torch.Tensor, ridge: Ridge) -> float:
     return _rel(y_s.double() @ ridge.solve(y_s.double().mT @ want), want)
 
 
-def _output(a_t, b_t, lora: LoraFactors, ctx: ModuleContext, xs: tuple, in_fit: float,
+def _output(a_t, b_t, lora: LoraFactors, src: Probe, tgt: Probe, in_fit: float,
             out_fit: float) -> MethodOutput:  # fmt: skip
     """The factors, capped at the source's relative effect (see ``shrinkage``)."""
     out = LoraFactors(a_t.float(), b_t.float(), lora.scale)
     if not out.is_finite():
         raise Unsupported("the fitted maps produced NaN or Inf")
-    x_s, x_t = xs
-    rel_s = _relative_effect(x_s, lora, ctx.src_weight())
-    rel_t = _relative_effect(x_t, out, ctx.tgt_weight())
-    shrink = shrinkage(rel_s, rel_t)
+    shrink = shrinkage(_relative_effect(src, lora), _relative_effect(tgt, out))
     out = LoraFactors(out.A, out.B * shrink, out.scale)
     return MethodOutput(out, {"in_fit": round(in_fit, 6), "out_fit": round(out_fit, 6),
                               "shrink": round(shrink, 6)})  # fmt: skip
 
 
-def _relative_effect(x: torch.Tensor, lora: LoraFactors, w: torch.Tensor) -> float:
+def _relative_effect(p: Probe, lora: LoraFactors) -> float:
     """``‖X ΔWᵀ‖ / ‖X Wᵀ‖`` on the probe: the update's size relative to the module's own output,
     in function space (unchanged by reparametrisations such as folded norm gains)."""
-    x = x.double()
+    x = p.x.double()
     delta = (x @ lora.A.to(x.device).double().mT) @ lora.B.to(x.device).double().mT
-    base = x @ w.to(x.device).double().mT
-    return abs(lora.scale) * float(delta.norm()) / max(float(base.norm()), 1e-30)
+    return abs(lora.scale) * float(delta.norm()) / max(float(p.y.double().norm()), 1e-30)
 
 
 def shrinkage(rel_s: float, rel_t: float) -> float:
@@ -238,11 +244,10 @@ def shrinkage(rel_s: float, rel_t: float) -> float:
     The fits need no further shrinking: a least-squares reproduction is already the shrunk
     estimate (in-sample ``‖X_t A_tᵀ‖ ≈ √(1 − in_fit²) ‖X_s A_sᵀ‖``, equal for least squares: it
     keeps the part of the source's features the target can read and drops the rest, as does the
-    output map). An
-    earlier version multiplied by ``(1 − in_fit²)(1 − out_fit²)`` on top, shrinking twice; on
-    the development task (bench/dev) dropping that factor raised the gap recovered on five of six
-    pairs (mean 0.081 → 0.113; Qwen2.5 → SmolLM2 0.06 → 0.15) and lowered it on Qwen2.5 →
-    Gemma 3 (0.05 → 0.01; docs/results.md). ``in_fit`` and ``out_fit``
+    output map). An earlier version multiplied by ``(1 − in_fit²)(1 − out_fit²)`` on top,
+    shrinking twice; on the development task (bench/dev) dropping that factor raised the gap
+    recovered on five of six pairs (mean 0.081 → 0.113; Qwen2.5 → SmolLM2 0.06 → 0.15) and
+    lowered it on Qwen2.5 → Gemma 3 (0.05 → 0.01; docs/results.md). ``in_fit`` and ``out_fit``
     stay in the report as diagnostics. On exact maps (twins) the factor is 1.
     """
     return min(1.0, rel_s / max(rel_t, 1e-30))
