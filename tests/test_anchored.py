@@ -146,6 +146,11 @@ def test_matched_is_exact_on_function_preserving_twins_up_to_its_ridge(
     assert of_effect < 2e-3, (rel, of_effect)
     assert default_of_effect < 0.3, (default_rel, default_of_effect)
     report = json.loads((tmp_path / "tiny" / "matched" / "transfer_report.json").read_text())
-    assert report["method_diagnostics"]["probe_positions"] >= matched.MIN_POSITIONS
+    diag = report["method_diagnostics"]
+    print(name, diag["calibration"], diag["probe_effect_before"], diag["probe_effect"])
+    assert diag["probe_positions"] >= matched.MIN_POSITIONS
+    # the calibration leaves an exact transfer as it is, and measures it as exact
+    assert all(abs(c - 1) < 1e-2 for c in diag["calibration"].values()), diag["calibration"]
+    assert diag["probe_effect"]["explained"] > 0.999, diag["probe_effect"]
     for m in report["modules"]:
         assert m["diagnostics"]["in_fit"] < 1e-3 and m["diagnostics"]["out_fit"] < 1e-3, m

@@ -131,8 +131,9 @@ def execute_batch(
 ) -> list[list[ModuleResult]]:  # fmt: skip
     """Run several plans with one method between one source and one target model.
 
-    ``batch[i]`` and ``plans[i]`` belong to adapter i; the inputs share the two layouts. Returns,
-    per adapter, its results in its plan's task order.
+    ``batch[i]`` and ``plans[i]`` belong to adapter i; the inputs share the two layouts. After the
+    last module, the method may calibrate each adapter's results as a whole. Returns, per
+    adapter, its results in its plan's task order.
     """
     bases = bases or BasisSettings()
     method = get_method(plans[0].method)
@@ -164,7 +165,11 @@ def execute_batch(
                 done[i][_pair_id(task)] = _run_task(batch[i], method, task, plans[i], ctx)
                 bar.update()
             del ctx  # this pair's weights and bases go now: nothing is held across layers
-    return [[done[i][_pair_id(t)] for t in plan.tasks] for i, plan in enumerate(plans)]
+    results = [[done[i][_pair_id(t)] for t in plan.tasks] for i, plan in enumerate(plans)]
+    for inputs, plan, res in zip(batch, plans, results):
+        if any(r.factors is not None for r in res):
+            plan.diagnostics.update(method.calibrate(inputs, res))
+    return results
 
 
 def _run_task(

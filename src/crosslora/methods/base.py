@@ -18,6 +18,8 @@ from crosslora.lora import LoraFactors
 
 if TYPE_CHECKING:
     from crosslora.arch.layout import Layout, RoleRef
+    from crosslora.execute import ModuleResult
+    from crosslora.plan import Inputs
 
 
 Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -105,6 +107,11 @@ class Method:
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
         raise NotImplementedError
+
+    def calibrate(self, inputs: Inputs, results: list[ModuleResult]) -> dict:
+        """After every module of one adapter: adjust ``results`` in place (their factors' sizes)
+        and return diagnostics for the report. Default: nothing to do."""
+        return {}
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -26,11 +26,19 @@ With ``ΔW = B A`` this splits into two ridge regressions that keep the rank and
 so nothing depends on the models' activation scales; the regressions are in the models' own
 units (Gemma's √d embeddings and large norm gains included).
 
-Magnitude: the regressions already shrink what the target cannot reproduce; the mapped update
-is never left acting larger, relative to its module's output on the probe, than on the source
-(``shrinkage``). Without that cap, pairs whose maps explain half the variance or less got
-updates up to 18× the source's (relative to the base weight) in poorly fitted directions, and
+Magnitude, per module: the regressions already shrink what the target cannot reproduce; the
+mapped update is never left acting larger, relative to its module's output on the probe, than on
+the source (``shrinkage``). Without that cap, pairs whose maps explain half the variance or less
+got updates up to 18× the source's (relative to the base weight) in poorly fitted directions, and
 the target's NLL worsened.
+
+Magnitude, per role, by function (``calibrate``, after the last module): no per-module rule can
+know how much of a module's update survives the maps and the later layers. Both models give a
+log-likelihood to the same pieces of probe text, so the source adapter's effect on them can be
+compared with the transferred adapter's; each role's update (q, k, v, o, gate, up, down over all
+layers) is scaled by the non-negative least-squares fit of the one to the other
+(``anchor.calibrate``). The report gives the scales and the agreement before and after
+(``probe_effect``: correlation, and fraction of the source's effect explained).
 
 On function-preserving twins the activations are exact rotations / permutations / zero-paddings
 of each other, so the maps are exact up to the ridge. Per module the report gives ``in_fit``,
@@ -38,7 +46,9 @@ the relative residual of the target's reproduction of the adapter's input featur
 and ``out_fit``, the relative residual of the output-space map.
 
 Cost: both models are loaded (float32) and run on the probe text, once per transfer (a batch
-shares it); every regression is a Cholesky solve of an n × n Gram matrix in float64.
+shares it); every regression is a Cholesky solve of an n × n Gram matrix in float64. The
+calibration runs the models over the probe text again: twice for the bases (shared by a batch),
+then per adapter once on the source and 2 + (number of roles) times on the target.
 """
 
 from __future__ import annotations
@@ -48,8 +58,10 @@ from typing import NamedTuple
 
 import torch
 
+from crosslora.anchor import calibrate as cal
 from crosslora.anchor.probe import (
     INPUT_SPACE,
+    ProbeBatch,
     align,
     collect,
     load_model,
@@ -58,7 +70,7 @@ from crosslora.anchor.probe import (
 )
 from crosslora.anchor.spaces import norm_gain, safe_inverse
 from crosslora.anchor.vocab import load_tokenizer
-from crosslora.arch.layout import Layout
+from crosslora.arch.layout import ROLES, Layout
 from crosslora.errors import CrossLoraError
 from crosslora.lora import LoraFactors
 from crosslora.methods.base import Method, MethodOutput, ModuleContext, Unsupported, register
@@ -66,7 +78,9 @@ from crosslora.methods.base import Method, MethodOutput, ModuleContext, Unsuppor
 log = logging.getLogger("crosslora")
 
 ALPHA = 1e-2  # ridge, relative to the mean eigenvalue of the Gram matrix
+CALIBRATE = True  # size each role's update by its effect on the probe text (``calibrate``)
 N_TEXTS = 64  # probe texts, half sampled from each model
+CALIBRATION_TEXTS = 32  # of which the calibration reads (about 2,700 chunks)
 TEXT_TOKENS = 96  # new tokens per probe text
 SEED = 0
 MIN_POSITIONS = 256
@@ -139,15 +153,75 @@ class Matched(Method):
                 f"only {n} positions of the probe text align between the two tokenizers "
                 f"(need {MIN_POSITIONS}); the matched method cannot fit its maps"
             )
-        self.acts_s = collect(model_s, src, batch_s, special_id(tok_s, "pad", "eos", "bos") or 0)
+        self.pads = (special_id(tok_s, "pad", "eos", "bos") or 0,
+                     special_id(tok_t, "pad", "eos", "bos") or 0)  # fmt: skip
+        self.acts_s = collect(model_s, src, batch_s, self.pads[0])
         del model_s
-        self.acts_t = collect(model_t, tgt, batch_t, special_id(tok_t, "pad", "eos", "bos") or 0)
+        self.acts_t = collect(model_t, tgt, batch_t, self.pads[1])
         del model_t
+        self.paths = (src.checkpoint.path, tgt.checkpoint.path)
+        self.models = None  # reloaded for the calibration, once the activations are freed
+        keep = slice(None, None, N_TEXTS // CALIBRATION_TEXTS)  # half from each model
+        self.batches = tuple(ProbeBatch(b.ids[keep], b.positions[keep]) for b in (batch_s, batch_t))
+        self.base_ll: tuple[torch.Tensor, torch.Tensor] | None = None
         self.device = device
         self._ridges: dict[tuple, Ridge] = {}
         return {"probe_texts": len(texts), "probe_positions": n,
                 "probe_tokens_source": sum(len(i) for i in batch_s.ids),
                 "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
+
+    def calibrate(self, inputs, results) -> dict:
+        """Scale each role's transferred update so that, together, they change the target's
+        log-likelihood of the probe text as the source adapter changes the source's
+        (``anchor.calibrate``). Returns the scales and the measured agreement."""
+        if not CALIBRATE:
+            return {}
+        from tqdm.auto import tqdm
+
+        self.acts_s = self.acts_t = None  # the maps are done: free the activations
+        self._ridges = {}
+        if self.models is None:
+            self.models = (load_model(self.paths[0], self.device, "source model"),
+                           load_model(self.paths[1], self.device, "target model"))  # fmt: skip
+        model_s, model_t = self.models
+        (batch_s, batch_t), (pad_s, pad_t) = self.batches, self.pads
+        done = [r for r in results if r.factors is not None]
+        roles = sorted({r.task.tgt.role for r in done}, key=ROLES.index)
+        fresh = self.base_ll is None
+        bar = tqdm(total=2 * fresh + 3 + len(roles), desc="calibrate (matched)", unit="pass",
+                   disable=not log.isEnabledFor(logging.INFO))  # fmt: skip
+
+        def ll(model, batch, pad, updates=()):
+            with cal.applied(model, updates):
+                out = cal.chunk_loglik(model, batch, pad)
+            bar.update()
+            return out
+
+        with bar:
+            if fresh:
+                self.base_ll = (ll(model_s, batch_s, pad_s), ll(model_t, batch_t, pad_t))
+            base_s, base_t = self.base_ll
+            d_s = ll(model_s, batch_s, pad_s, _source_updates(inputs, results)) - base_s
+            role_of = [r.task.tgt.role for r in done]
+            updates = [_target_update(r) for r in done]
+            full = ll(model_t, batch_t, pad_t, updates) - base_t
+            slopes = torch.stack([  # each role's part: the effect lost when it alone is left out
+                full - (ll(model_t, batch_t, pad_t,
+                           [u for u, ro in zip(updates, role_of) if ro != role]) - base_t)
+                for role in roles
+            ])  # fmt: skip
+            scales = cal.fit_scales(d_s, full, slopes)
+            for res in done:
+                c = float(scales[roles.index(res.task.tgt.role)])
+                res.factors = LoraFactors(res.factors.A, res.factors.B * c, res.factors.scale)
+                res.diagnostics["calibration"] = round(c, 4)
+            after = ll(model_t, batch_t, pad_t, [_target_update(r) for r in done]) - base_t
+        return {
+            "calibration": {role: round(float(c), 4) for role, c in zip(roles, scales)},
+            "probe_chunks": len(d_s),
+            "probe_effect_before": cal.agreement(d_s, full),
+            "probe_effect": cal.agreement(d_s, after),
+        }
 
     def _ridge(self, key: tuple, x: torch.Tensor) -> Ridge:
         if key not in self._ridges:
@@ -202,6 +276,31 @@ class Matched(Method):
     def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
         """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
         return acts.residual[min(layer + 1, num_layers - 1)].to(self.device)
+
+
+def _source_updates(inputs, results) -> list[cal.Update]:
+    """The source adapter's update of every source role the plan reads, once each."""
+    seen: dict[tuple, cal.Update] = {}
+    for res in results:
+        src = res.task.src
+        key = (src.slot.module, src.role)
+        if key not in seen:
+            lora = inputs.adapter.factors(res.task.adapter_module).to("cpu")
+            rows = src.slot.rows[src.role]
+            seen[key] = cal.Update(src.slot.module, rows, _dense(lora, rows), src.slot.conv1d)
+    return list(seen.values())
+
+
+def _target_update(res) -> cal.Update:
+    tgt = res.task.tgt
+    return cal.Update(tgt.slot.module, tgt.slot.rows[tgt.role], _dense(res.factors, None),
+                      tgt.slot.conv1d)  # fmt: skip
+
+
+def _dense(lora: LoraFactors, rows: torch.Tensor | None) -> torch.Tensor:
+    """``scale · B A`` (out_rows, in), float32, for ``B``'s ``rows`` (None: all)."""
+    B = lora.B.float() if rows is None else lora.B.float()[rows]
+    return lora.scale * (B @ lora.A.float())
 
 
 def _median_rms(y: torch.Tensor) -> float:

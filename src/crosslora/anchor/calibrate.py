@@ -1,0 +1,142 @@
+"""Size the transferred update by what it does to the model's predictions, on the probe text.
+
+The per-module maps (``methods.matched``) carry each module's update into the target's
+coordinates, but they cannot say how large it should be: a least-squares map shrinks what it
+cannot explain, and a module's effect on the output passes through every later layer. What *can*
+be compared across two models with different tokenizers is the probability they give to the same
+text. Between two consecutive aligned boundaries (``anchor.probe``: positions where both
+tokenizations end at the same character) both models predict exactly the same piece of text, a
+*chunk*; the log-likelihood of each chunk is a number both models define.
+
+So the source adapter's effect on the probe text is the vector ``d_s`` (C,) of its changes to the
+source's chunk log-likelihoods, and the transferred adapter's is ``full`` (C,) on the target's.
+Each role's part of it is what is lost when that role alone is left out, ``slopes`` (R, C). The
+per-role scales ``c`` (R,) ≥ 0 solve ``min ‖full + slopesᵀ (c − 1) − d_s‖`` (non-negative least
+squares, exact over the few roles; ``fit_scales``): each role's update is kept in proportion to
+how much of the source's effect it reproduces, and dropped where it reproduces none. Where the
+transfer is already exact (function-preserving twins) ``full = d_s`` and every scale is 1. With
+seven roles and thousands of chunks the fit has little to overfit; it uses no data, only text the
+models generated themselves.
+
+After scaling, the target is run once more with the whole calibrated adapter: the correlation of
+its chunk effects with the source's, and the fraction of ``‖d_s‖²`` it explains, go to the
+report as the transfer's measured fidelity on the probe text.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from crosslora.anchor.probe import ProbeBatch
+
+
+@dataclass
+class Update:
+    """A dense update ``delta`` (out_rows, in) for the weight of ``module`` at ``rows`` (None: all
+    rows); ``transposed`` for GPT-2-style Conv1D weights stored (in, out)."""
+
+    module: str
+    rows: torch.Tensor | None
+    delta: torch.Tensor
+    transposed: bool = False
+
+
+@contextmanager
+def applied(model, updates: Sequence[Update], scale: float = 1.0) -> Iterator[None]:
+    """``model`` with ``scale · delta`` added to its weights; the weights restored exactly after."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for u in updates:
+                weight = model.get_submodule(u.module).weight
+                if not any(w is weight for w, _ in saved):
+                    saved.append((weight, weight.detach().clone()))
+                view = weight.data.mT if u.transposed else weight.data
+                d = (scale * u.delta).to(view.device, view.dtype)
+                if u.rows is None:
+                    view.add_(d)
+                else:
+                    view[u.rows.to(view.device)] += d
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, orig in saved:
+                weight.data.copy_(orig)
+
+
+@torch.no_grad()
+def chunk_loglik(model, batch: ProbeBatch, pad_id: int, chunk: int = 4) -> torch.Tensor:
+    """The log-likelihood, under ``model``, of every chunk of the probe text between consecutive
+    aligned positions, (C,) float64, in text order."""
+    device = next(model.parameters()).device
+    out = []
+    for lo in range(0, len(batch.ids), chunk):
+        seqs = batch.ids[lo : lo + chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        # tok[j, i] = log p(ids[j, i + 1] | ids[j, :i + 1])
+        tok = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)
+        del logits
+        cum = torch.cat([tok.new_zeros(len(seqs), 1), tok.double().cumsum(1)], dim=1).cpu()
+        for j, pos in enumerate(batch.positions[lo : lo + chunk]):
+            p = torch.tensor(pos, dtype=torch.long)
+            out.append(cum[j, p[1:]] - cum[j, p[:-1]])  # tokens p_k + 1 .. p_{k+1}
+    return torch.cat(out)
+
+
+def nonnegative_lstsq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``argmin_{c ≥ 0} ‖x c − y‖`` for ``x`` (C, R) with few columns, exactly: the best
+    unconstrained solution over every subset of columns whose solution is non-negative."""
+    x, y = x.double(), y.double()
+    r = x.shape[1]
+    gram, rhs = x.mT @ x, x.mT @ y
+    best, best_loss = torch.zeros(r, dtype=torch.float64), float(y @ y)
+    for k in range(1, r + 1):
+        for cols in itertools.combinations(range(r), k):
+            idx = torch.tensor(cols)
+            g = gram[idx][:, idx]
+            sol = torch.linalg.lstsq(g, rhs[idx]).solution
+            if (sol < 0).any():
+                continue
+            loss = float(y @ y - 2 * sol @ rhs[idx] + sol @ g @ sol)
+            if loss < best_loss - 1e-12 * float(y @ y):
+                best, best_loss = torch.zeros(r, dtype=torch.float64), loss
+                best[idx] = sol
+    return best
+
+
+def fit_scales(d_s: torch.Tensor, full: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """Per-role scales ``c`` (R,) ≥ 0 for the target's update, from its chunk effects.
+
+    ``full`` (C,) is the effect of the whole transferred update (every scale 1) and ``slopes``
+    (R, C) each role's part of it (``full`` minus the effect without that role). Linear around
+    ``c = 1``: ``effect(c) ≈ full + slopesᵀ (c − 1)``, fitted to the source's ``d_s`` (C,) by
+    non-negative least squares. Where the transfer is exact (``full = d_s``) every scale is 1.
+    Roles with no measurable part keep scale 1.
+    """
+    live = slopes.norm(dim=1) > 1e-9 * float(d_s.norm().clamp_min(1e-30))
+    scales = torch.ones(len(slopes), dtype=torch.float64)
+    if live.any():
+        x = slopes[live].double().mT
+        scales[live] = nonnegative_lstsq(x, (d_s - full).double() + x.sum(dim=1))
+    return scales
+
+
+def agreement(d_s: torch.Tensor, d_t: torch.Tensor) -> dict[str, float]:
+    """How well the target's chunk effects ``d_t`` reproduce the source's ``d_s``: their
+    correlation, and the fraction of ``‖d_s‖²`` explained (1: identical; ≤ 0: none)."""
+    a, b = d_s - d_s.mean(), d_t - d_t.mean()
+    corr = float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+    explained = 1.0 - float((d_s - d_t).pow(2).sum() / d_s.pow(2).sum().clamp_min(1e-30))
+    return {"corr": round(corr, 4), "explained": round(explained, 4)}

@@ -1,0 +1,100 @@
+"""The function-level calibration of ``matched`` (``anchor.calibrate``): its least squares, its
+weight patching, and the chunk log-likelihoods it compares."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from crosslora.anchor import calibrate as cal
+from crosslora.anchor.probe import ProbeBatch
+
+
+def brute_force_nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Projected gradient to convergence: an independent route to the same minimiser."""
+    gram, rhs = x.mT @ x, x.mT @ y
+    step = 1.0 / float(torch.linalg.eigvalsh(gram).max())
+    c = torch.zeros(x.shape[1], dtype=torch.float64)
+    for _ in range(20000):
+        c = (c - step * (gram @ c - rhs)).clamp_min(0)
+    return c
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nonnegative_lstsq_finds_the_constrained_minimum(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 5, dtype=torch.float64, generator=gen)
+    y = x @ torch.tensor([1.5, -2.0, 0.3, -0.1, 0.0], dtype=torch.float64)
+    y = y + 0.3 * torch.randn(200, dtype=torch.float64, generator=gen)
+    got = cal.nonnegative_lstsq(x, y)
+    want = brute_force_nnls(x, y)
+    assert (got >= 0).all()
+    assert got[1] == 0 and got[3] == 0  # the negative directions are dropped
+    loss = lambda c: float((x @ c - y).norm())  # noqa: E731
+    assert loss(got) <= loss(want) + 1e-9
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_fit_scales_is_one_where_the_transfer_is_exact_and_recovers_known_scales():
+    gen = torch.Generator().manual_seed(0)
+    slopes = torch.randn(4, 300, dtype=torch.float64, generator=gen)
+    full = slopes.sum(0) + 0.1 * torch.randn(300, dtype=torch.float64, generator=gen)
+    assert torch.allclose(cal.fit_scales(full, full, slopes), torch.ones(4, dtype=torch.float64))
+    want = torch.tensor([2.0, 0.5, 0.0, 1.25], dtype=torch.float64)
+    d_s = full + slopes.mT @ (want - 1)
+    assert torch.allclose(cal.fit_scales(d_s, full, slopes), want, atol=1e-9)
+    # a role with no measurable part keeps its scale
+    slopes[2] = 0
+    assert cal.fit_scales(d_s, full, slopes)[2] == 1.0
+
+
+def test_applied_patches_rows_and_transposed_weights_and_restores_them_exactly():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    rows = torch.tensor([1, 4])
+    d0 = torch.randn(2, 4)
+    d1 = torch.randn(6, 3)  # stored (in, out) like a GPT-2 Conv1D: patched transposed
+    ups = [cal.Update("0", rows, d0), cal.Update("1", None, d1, transposed=True)]
+    with cal.applied(model, ups, scale=2.0):
+        assert torch.allclose(model[0].weight[rows], before[0][rows] + 2 * d0)
+        assert torch.equal(model[0].weight[[0, 2, 3, 5]], before[0][[0, 2, 3, 5]])
+        assert torch.allclose(model[1].weight, before[2] + 2 * d1.mT)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    with pytest.raises(RuntimeError), cal.applied(model, ups):  # restored on errors too
+        raise RuntimeError("boom")
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+class Bigram(torch.nn.Module):
+    """A causal LM whose next-token distribution depends on the current token only."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_chunk_loglik_is_the_log_probability_of_each_chunk():
+    model = Bigram()
+    ids = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5]]
+    positions = [[1, 4, 7], [0, 2]]
+    got = cal.chunk_loglik(model, ProbeBatch(ids, positions), pad_id=0, chunk=1)
+    logp = torch.log_softmax(model.table.detach().double(), dim=-1)
+    want = []
+    for seq, pos in zip(ids, positions):
+        for a, b in itertools.pairwise(pos):  # tokens a+1..b, each predicted from its predecessor
+            want.append(sum(float(logp[seq[i - 1], seq[i]]) for i in range(a + 1, b + 1)))
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-5)
+
+
+def test_agreement():
+    d = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    assert cal.agreement(d, d) == {"corr": 1.0, "explained": 1.0}
+    assert cal.agreement(d, 0 * d)["explained"] == 0.0
+    assert cal.agreement(d, -d)["corr"] == -1.0
