@@ -152,5 +152,7 @@ def test_matched_is_exact_on_function_preserving_twins_up_to_its_ridge(
     # the calibration leaves an exact transfer as it is, and measures it as exact
     assert all(abs(c - 1) < 1e-2 for c in diag["calibration"].values()), diag["calibration"]
     assert diag["probe_effect"]["explained"] > 0.999, diag["probe_effect"]
+    card = (tmp_path / "tiny" / "matched" / "README.md").read_text()
+    assert "explains 100% of the source\n  adapter's effect" in card, card
     for m in report["modules"]:
         assert m["diagnostics"]["in_fit"] < 1e-3 and m["diagnostics"]["out_fit"] < 1e-3, m

@@ -58,6 +58,18 @@ def build_report(
     }
 
 
+def _fidelity_line(report: dict) -> str:
+    """The measured agreement on the probe text, where the method measured it (``matched``)."""
+    eff = report.get("method_diagnostics", {}).get("probe_effect")
+    if not eff:
+        return ""
+    return (
+        f"- Measured on text the two base models generated themselves (no data): this adapter's\n"
+        f"  effect on the target's log-likelihoods explains {eff['explained']:.0%} of the source\n"
+        f"  adapter's effect on the source's (correlation {eff['corr']:.2f}).\n"
+    )
+
+
 def model_card(report: dict) -> str:
     s, lm = report["summary"], report["layer_map"]
     skipped = s["skipped_when_run"] + s["skipped_when_planned"]
@@ -78,7 +90,7 @@ crosslora {report["crosslora_version"]}, method `{report["method"]}`.
 - Layer map: `{lm["kind"]}`, {lm["source_layers"]} source -> {lm["target_layers"]} target layers,
   {len(lm["pairs"])} matched.
 - Modules: {s["transferred"]} transferred, {skipped} skipped (reasons in `transfer_report.json`).
-
+{_fidelity_line(report)}
 How much of the source adapter's effect survives a transfer varies by pair and method; measure
 it on your task before relying on it (for example with `crosslora eval`).
 

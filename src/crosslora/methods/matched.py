@@ -216,11 +216,18 @@ class Matched(Method):
                 res.factors = LoraFactors(res.factors.A, res.factors.B * c, res.factors.scale)
                 res.diagnostics["calibration"] = round(c, 4)
             after = ll(model_t, batch_t, pad_t, [_target_update(r) for r in done]) - base_t
+        eff = cal.agreement(d_s, after)
+        log.info(
+            "calibrated by the effect on the probe text (scales %s); the transferred adapter "
+            "explains %.0f%% of the source adapter's effect there (correlation %.2f)",
+            ", ".join(f"{r} {float(c):.2f}" for r, c in zip(roles, scales)),
+            100 * eff["explained"], eff["corr"],
+        )  # fmt: skip
         return {
             "calibration": {role: round(float(c), 4) for role, c in zip(roles, scales)},
             "probe_chunks": len(d_s),
             "probe_effect_before": cal.agreement(d_s, full),
-            "probe_effect": cal.agreement(d_s, after),
+            "probe_effect": eff,
         }
 
     def _ridge(self, key: tuple, x: torch.Tensor) -> Ridge:
