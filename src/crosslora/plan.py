@@ -101,6 +101,9 @@ class TransferPlan:
             )
         for s in self.skipped:
             lines.append(f"  skip {s.what}: {s.reason}")
+        then = get_method(self.method).then
+        if then:
+            lines.append(f"then: {then}")
         return "\n".join(lines)
 
 

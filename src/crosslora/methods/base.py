@@ -93,6 +93,7 @@ class Method:
     needs_weights: ClassVar[bool] = False
     default_layer_map: ClassVar[str] = "index"
     truncates: ClassVar[bool] = False  # whether --truncation-rank applies
+    then: ClassVar[str | None] = None  # what ``calibrate`` does after the modules, for the plan
 
     def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
         """Work shared by all modules (e.g. residual-stream maps), before the first one.

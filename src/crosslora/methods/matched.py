@@ -132,6 +132,7 @@ class Matched(Method):
     summary = "regress the update on both models' activations over self-generated probe text"
     needs_weights = True
     default_layer_map = "merge"
+    then = "calibrate each role's update by its effect on the probe text's likelihood"
 
     def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
         tok_s = load_tokenizer(src.checkpoint.path, "source model")
