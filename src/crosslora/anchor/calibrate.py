@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosslora.anchor.probe import ProbeBatch
+from crosslora.anchor.probe import ProbeBatch, right_padded
 
 
 @dataclass
@@ -76,19 +76,13 @@ def chunk_loglik(model, batch: ProbeBatch, pad_id: int, chunk: int = 4) -> torch
     device = next(model.parameters()).device
     out = []
     for lo in range(0, len(batch.ids), chunk):
-        seqs = batch.ids[lo : lo + chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
+        ids, mask = right_padded(batch.ids[lo : lo + chunk], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         # tok[j, i] = log p(ids[j, i + 1] | ids[j, :i + 1])
         tok = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)
         del logits
-        cum = torch.cat([tok.new_zeros(len(seqs), 1), tok.double().cumsum(1)], dim=1).cpu()
+        cum = torch.cat([tok.new_zeros(len(ids), 1), tok.double().cumsum(1)], dim=1).cpu()
         for j, pos in enumerate(batch.positions[lo : lo + chunk]):
             p = torch.tensor(pos, dtype=torch.long)
             out.append(cum[j, p[1:]] - cum[j, p[:-1]])  # tokens p_k + 1 .. p_{k+1}

@@ -135,6 +135,17 @@ def align(texts: list[str], tok_s, tok_t) -> tuple[ProbeBatch, ProbeBatch]:
     return src, tgt
 
 
+def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and attention mask (B, T), right-padded: positions stay where they are."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(s)
+        mask[j, : len(s)] = 1
+    return ids, mask
+
+
 def _input_modules(layout: Layout) -> dict[str, tuple[int, str]]:
     """Module path -> (layer, input space), one module per (layer, input space)."""
     seen: dict[tuple[int, str], str] = {}
@@ -172,13 +183,7 @@ def collect(model, layout: Layout, batch: ProbeBatch, pad_id: int, chunk: int = 
     body = model.base_model  # the transformer without its LM head: no logits needed here
     try:
         for lo in range(0, len(batch.ids), chunk):
-            seqs = batch.ids[lo : lo + chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, s in enumerate(seqs):  # right padding: aligned positions stay where they are
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
+            ids, mask = right_padded(batch.ids[lo : lo + chunk], pad_id)
             pos = batch.positions[lo : lo + chunk]
             b = torch.tensor([j for j, p in enumerate(pos) for _ in p], dtype=torch.long)
             p = torch.tensor([x for q in pos for x in q], dtype=torch.long)

@@ -78,7 +78,6 @@ from crosslora.methods.base import Method, MethodOutput, ModuleContext, Unsuppor
 log = logging.getLogger("crosslora")
 
 ALPHA = 1e-2  # ridge, relative to the mean eigenvalue of the Gram matrix
-CALIBRATE = True  # size each role's update by its effect on the probe text (``calibrate``)
 N_TEXTS = 64  # probe texts, half sampled from each model
 CALIBRATION_TEXTS = 32  # of which the calibration reads (about 2,700 chunks)
 TEXT_TOKENS = 96  # new tokens per probe text
@@ -175,8 +174,6 @@ class Matched(Method):
         """Scale each role's transferred update so that, together, they change the target's
         log-likelihood of the probe text as the source adapter changes the source's
         (``anchor.calibrate``). Returns the scales and the measured agreement."""
-        if not CALIBRATE:
-            return {}
         from tqdm.auto import tqdm
 
         self.acts_s = self.acts_t = None  # the maps are done: free the activations
@@ -212,11 +209,12 @@ class Matched(Method):
                 for role in roles
             ])  # fmt: skip
             scales = cal.fit_scales(d_s, full, slopes)
-            for res in done:
+            for res, u in zip(done, updates):
                 c = float(scales[roles.index(res.task.tgt.role)])
                 res.factors = LoraFactors(res.factors.A, res.factors.B * c, res.factors.scale)
                 res.diagnostics["calibration"] = round(c, 4)
-            after = ll(model_t, batch_t, pad_t, [_target_update(r) for r in done]) - base_t
+                u.delta = u.delta * c
+            after = ll(model_t, batch_t, pad_t, updates) - base_t
         eff = cal.agreement(d_s, after)
         log.info(
             "calibrated by the effect on the probe text (scales %s); the transferred adapter "
