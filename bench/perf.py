@@ -425,7 +425,8 @@ def main() -> None:
     p.add_argument("--size", action="append", choices=sorted(SIZES),
                    help="model shapes (repeatable; default 1b)")  # fmt: skip
     p.add_argument("--layers", type=int, default=4, help="layers per synthetic model")
-    p.add_argument("--exact-layers", type=int, default=1, help="layers for exact vs fast (0: skip it)")
+    p.add_argument("--exact-layers", type=int, default=1,
+                   help="layers for exact vs fast (0: skip it)")  # fmt: skip
     p.add_argument("--depths", default="", help="layer counts for the depth curve, e.g. 1,4 "
                    "(default: 1, 2, 4, ... up to --layers)")  # fmt: skip
     p.add_argument("--layers-per-shard", type=int, default=2)

@@ -209,8 +209,8 @@ class Matched(Method):
                 for role in roles
             ])  # fmt: skip
             scales = cal.fit_scales(d_s, full, slopes)
-            for res, u in zip(done, updates):
-                c = float(scales[roles.index(res.task.tgt.role)])
+            for res, u, role in zip(done, updates, role_of):
+                c = float(scales[roles.index(role)])
                 res.factors = LoraFactors(res.factors.A, res.factors.B * c, res.factors.scale)
                 res.diagnostics["calibration"] = round(c, 4)
                 u.delta = u.delta * c
