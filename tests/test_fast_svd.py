@@ -97,15 +97,27 @@ def test_fast_path_on_a_matrix_of_low_rank(rank):
     assert float((top - want).norm()) <= 1e-4 * float(want.norm().clamp_min(1))
 
 
-@pytest.mark.parametrize(("shape", "k"), [((64, 48), 48), ((64, 48), 64), ((300, 300), 120)])
-def test_fast_falls_back_to_exact_when_k_is_large(shape, k):
-    """Null-space completion (k > min(m, n)) and large k relative to min(m, n) run the exact SVD:
-    bit-identical results, the identity property at full rank included."""
+@pytest.mark.parametrize(("shape", "k"), [((64, 48), 64), ((48, 64), 64)])
+def test_null_space_completion_runs_the_exact_svd(shape, k):
+    """k > min(m, n) needs the complete SVD: bit-identical to the exact path, the identity
+    property at full rank included."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
-    kl, kr = min(k, shape[0]), min(k, shape[1]) if k <= min(shape) else shape[1]
-    assert not FastSvd().applies(shape, max(kl, kr))
+    kl, kr = min(k, shape[0]), min(k, shape[1])
     for a, b in zip(svd_bases(w, kl, kr, "fast"), svd_bases(w, kl, kr, "exact")):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("shape", "k"), [((64, 48), 48), ((300, 300), 120), ((200, 900), 100)])
+def test_large_k_takes_the_gram_eigendecomposition(shape, k):
+    """k close to min(m, n): no Krylov space would be much smaller than the matrix, so the fast
+    path decomposes the float64 Gram matrix; the same triplets and signs as the exact SVD."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    assert not FastSvd().applies(shape, k)
+    (uf, sf, vf), (ue, se, ve) = (svd_bases(w, k, k, mode) for mode in ("fast", "exact"))
+    assert uf.shape == ue.shape and vf.shape == ve.shape and sf.shape == (k,)
+    assert rel(sf, se[:k]) < 1e-5
+    assert float((uf - ue).norm(dim=0).max()) < 1e-3
+    assert float((vf - ve).norm(dim=0).max()) < 1e-3
 
 
 # --- end to end: `--svd fast` (the default) against `--svd exact` ------------------------------

@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from crosslora.arch.layout import ROLES, Layout, RoleRef, Slot
 from crosslora.basis_cache import CACHE_VERSION, BasisCache
-from crosslora.linalg import DEFAULT_FAST, svd_bases
+from crosslora.linalg import DEFAULT_FAST, all_finite, svd_bases
 from crosslora.lora import LoraFactors, refactor
 from crosslora.methods import Method, ModuleContext, Unsupported, get_method
 from crosslora.plan import Inputs, ModuleTask, TransferPlan
@@ -64,7 +64,7 @@ def source_factors(inputs: Inputs, task: ModuleTask) -> LoraFactors:
 def _weight_loader(layout: Layout, ref: RoleRef, device: torch.device):
     def load() -> torch.Tensor:
         w = layout.weight(ref, device)
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             raise Unsupported(f"base weight {ref.label} contains NaN or Inf")
         return w
 
