@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import make_adapter
 from crosslora.cli import main
-from crosslora.linalg import FastSvd, svd_bases
+from crosslora.linalg import FastSvd, all_finite, svd_bases
 
 
 def decaying(m: int, n: int, seed: int, alpha: float = 0.5) -> torch.Tensor:
@@ -164,3 +164,31 @@ def test_fast_transfer_matches_exact_transfer(spectral_pair, tmp_path):
                  for m, o in outs.items()}  # fmt: skip
         assert rel(delta["fast"], delta["exact"]) < 1e-2, module
         assert not torch.equal(fast[f"{module}.lora_A.weight"], exact[f"{module}.lora_A.weight"])
+
+
+def test_all_finite_checks_entries_when_the_sum_overflows():
+    big = torch.full((4, 4), 3e38)  # finite entries whose float32 sum overflows to inf
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.ones(64, 64)
+        w[17, 3] = bad
+        assert not all_finite(w)
+    w = big.clone()
+    w[0, 0] = float("nan")
+    assert not all_finite(w)
+
+
+def test_gram_path_on_a_matrix_of_low_rank():
+    """σ = 0 past the rank: finite, the nonzero triplets exact; past the rank the smaller side's
+    vectors are the Gram matrix's eigenvectors and the larger side's are zero."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(100, 5, generator=g) @ torch.randn(5, 80, generator=g)
+    assert not FastSvd().applies(w.shape, 60)
+    u, s, v = svd_bases(w, 60, 60, "fast")
+    ue, se, ve = svd_bases(w, 60, 60, "exact")
+    assert all(bool(torch.isfinite(t).all()) for t in (u, s, v))
+    assert rel(s[:5], se[:5]) < 1e-5
+    assert float(u[:, 5:].abs().max()) == 0.0  # m > n: U is the larger side
+    assert torch.allclose(v.T @ v, torch.eye(60), atol=1e-5)
+    top = (u[:, :5] * s[:5]) @ v[:, :5].T
+    assert rel(top, w) < 1e-5
