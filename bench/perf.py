@@ -324,11 +324,11 @@ def run_size(size: str, work: Path, layers: int, exact_layers: int, shard_layers
     depths = DEPTHS or sorted({d for d in (1, 2, 4, 8, 16, 32) if d <= layers} | {layers})
     res["by_layers"] = {}
     for d in depths:
-        write_adapter(root / f"adapter-{d}", src_c, d, seed=3)
-        cache = root / f"cache-{d}"
+        ad, cache = root / f"adapter-{d}", root / f"cache-{d}"
+        write_adapter(ad, src_c, d, seed=3)
         print(f"[{size}] fast, {d} layer(s): cold cache, then warm ...", flush=True)
-        cold = measure(root / f"adapter-{d}", src, tgt, outs / f"cold-{d}", "fast", cache)
-        warm = measure(root / f"adapter-{d}", src, tgt, outs / f"warm-{d}", "fast", cache)
+        cold = measure(ad, src, tgt, outs / f"cold-{d}", "fast", cache)
+        warm = measure(ad, src, tgt, outs / f"warm-{d}", "fast", cache)
         res["by_layers"][d] = {"cold": cold, "warm": warm}
         shutil.rmtree(cache, ignore_errors=True)
     return res
@@ -337,9 +337,8 @@ def run_size(size: str, work: Path, layers: int, exact_layers: int, shard_layers
 def exact_vs_fast(root: Path, src: Path, tgt: Path, src_c: dict, exact_layers: int) -> dict:
     """One cold transfer of the first ``exact_layers`` layers with exact and with fast SVD (no
     cache): times, their ratio, the fast adapter's ΔW error, and why a module is past 1e-2."""
-    outs = root / "out"
-    write_adapter(root / f"adapter-{exact_layers}", src_c, exact_layers, seed=3)
-    ad = root / f"adapter-{exact_layers}"
+    outs, ad = root / "out", root / f"adapter-{exact_layers}"
+    write_adapter(ad, src_c, exact_layers, seed=3)
     print(f"[exact vs fast on {exact_layers} layer(s)] ...", flush=True)
     exact = measure(ad, src, tgt, outs / "exact", "exact", None)
     fast = measure(ad, src, tgt, outs / "fast", "fast", None)
