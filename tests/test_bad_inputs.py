@@ -605,16 +605,15 @@ def test_verbose_shows_the_traceback(env, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("crosslora: error: ")
 
 
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def test_disk_full_is_one_line_without_a_mount(env, capsys, monkeypatch):
-    """The full disk again, simulated: safetensors reports ENOSPC in its own exception type."""
-    import safetensors.torch
-    from safetensors import SafetensorError
+    """The full disk again, simulated, as the weights file is written."""
+    import crosslora.io.peft_adapter
 
-    def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                              "(os error 28)")  # fmt: skip
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(crosslora.io.peft_adapter, "write_safetensors", _disk_full)
     capsys.readouterr()
     assert main(["transfer", "-q", *env.argv()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -626,12 +625,9 @@ def test_disk_full_keeps_the_previous_output(env, capsys, monkeypatch):
     """With --overwrite, a failed write leaves the previous output exactly as it was."""
     assert main(["transfer", "-q", *env.argv()]) == 0
     before = snapshot(env.out)
-    import safetensors.torch
+    import crosslora.io.peft_adapter
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(crosslora.io.peft_adapter, "write_safetensors", _disk_full)
     capsys.readouterr()
     assert main(["transfer", "-q", *env.argv(), "--overwrite"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

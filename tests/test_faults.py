@@ -222,24 +222,23 @@ def test_fuzz_summary(capsys):
 
 
 def _pause_at(phase: str, marker: Path) -> None:
-    import safetensors.torch as sft
-
     import crosslora.io.output as output
+    import crosslora.io.peft_adapter as peft_adapter
 
     def pause() -> None:
         marker.write_text(str(os.getpid()))
         time.sleep(600)
 
     if phase == "weights":
-        real_save = sft.save_file
+        real_write = peft_adapter.write_safetensors
 
-        def save_file(tensors, filename, metadata=None):
-            real_save(tensors, filename, metadata=metadata)
+        def write_safetensors(filename, tensors, metadata=None):
+            real_write(filename, tensors, metadata)
             with open(filename, "r+b") as f:
                 f.truncate(os.path.getsize(filename) // 2)
             pause()
 
-        sft.save_file = save_file
+        peft_adapter.write_safetensors = write_safetensors
     elif phase == "rename":
         real_fsync = output._fsync_tree
 

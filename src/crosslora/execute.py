@@ -6,7 +6,8 @@ shared), runs the method on ``device`` in float32, and keeps the result on the C
 Streaming: base weights are read only by methods that need them, one (source, target) role pair
 at a time, and dropped when that pair is done; tasks run grouped by the source weight's shard,
 in shard order, then by layer, so reads sweep the checkpoint once and nothing is held across
-layers (peak memory does not grow with depth). Several adapters from one source to one target
+layers. Finished factors are parked on disk (``Spool``) and read back one module at a time to be
+written, so peak memory does not grow with depth. Several adapters from one source to one target
 (a batch) share everything: the method's ``prepare`` runs once, and each role pair's weights and
 SVD bases are loaded or computed once and applied to every adapter that adapts that role.
 Bases come from the on-disk ``BasisCache`` when one is given.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from crosslora.arch.layout import ROLES, Layout, RoleRef, Slot
 from crosslora.basis_cache import CACHE_VERSION, BasisCache
+from crosslora.io.spool import ParkedFactors, Spool
 from crosslora.linalg import DEFAULT_FAST, all_finite, svd_bases
 from crosslora.lora import LoraFactors, refactor
 from crosslora.methods import Method, ModuleContext, Unsupported, get_method
@@ -38,11 +40,24 @@ CACHE_MIN_ELEMENTS = 1 << 18  # smaller weights (512 x 512) decompose faster tha
 
 @dataclass
 class ModuleResult:
+    """One task's outcome. ``factors`` (None when skipped) live in memory, or parked in ``spool``
+    and read back on each access."""
+
     task: ModuleTask
-    factors: LoraFactors | None  # None when skipped
+    stored: LoraFactors | ParkedFactors | None
     diagnostics: dict = field(default_factory=dict)
     seconds: float = 0.0
     skipped: str | None = None
+    spool: Spool | None = None
+
+    @property
+    def factors(self) -> LoraFactors | None:
+        f = self.stored
+        return self.spool.load(f) if isinstance(f, ParkedFactors) and self.spool else f
+
+    @factors.setter
+    def factors(self, f: LoraFactors | None) -> None:
+        self.stored = self.spool.park(f) if f is not None and self.spool else f
 
 
 @dataclass
@@ -107,10 +122,10 @@ def _basis_source(inputs: Inputs, task: ModuleTask, device: torch.device, bases:
 
 def execute(
     inputs: Inputs, plan: TransferPlan, device: torch.device, progress: bool = True,
-    bases: BasisSettings | None = None,
+    bases: BasisSettings | None = None, spool: Spool | None = None,
 ) -> list[ModuleResult]:  # fmt: skip
     """Run one plan; see ``execute_batch``."""
-    return execute_batch([inputs], [plan], device, progress, bases)[0]
+    return execute_batch([inputs], [plan], device, progress, bases, spool)[0]
 
 
 def _pair_id(task: ModuleTask) -> tuple:
@@ -127,13 +142,14 @@ def _read_order(inputs: Inputs, task: ModuleTask) -> tuple:
 
 def execute_batch(
     batch: list[Inputs], plans: list[TransferPlan], device: torch.device,
-    progress: bool = True, bases: BasisSettings | None = None,
+    progress: bool = True, bases: BasisSettings | None = None, spool: Spool | None = None,
 ) -> list[list[ModuleResult]]:  # fmt: skip
     """Run several plans with one method between one source and one target model.
 
     ``batch[i]`` and ``plans[i]`` belong to adapter i; the inputs share the two layouts. After the
     last module, the method may calibrate each adapter's results as a whole. Returns, per
-    adapter, its results in its plan's task order.
+    adapter, its results in its plan's task order, their factors parked in ``spool`` if one is
+    given (else held in memory).
     """
     bases = bases or BasisSettings()
     method = get_method(plans[0].method)
@@ -162,12 +178,15 @@ def execute_batch(
                 _basis_source(first, task0, device, bases),
             )  # fmt: skip
             for i, task in members:
-                done[i][_pair_id(task)] = _run_task(batch[i], method, task, plans[i], ctx)
+                res = _run_task(batch[i], method, task, plans[i], ctx)
+                res.spool = spool
+                res.factors = res.stored  # parked, if there is a spool
+                done[i][_pair_id(task)] = res
                 bar.update()
             del ctx  # this pair's weights and bases go now: nothing is held across layers
     results = [[done[i][_pair_id(t)] for t in plan.tasks] for i, plan in enumerate(plans)]
     for inputs, plan, res in zip(batch, plans, results):
-        if any(r.factors is not None for r in res):
+        if any(r.skipped is None for r in res):
             plan.diagnostics.update(method.calibrate(inputs, res))
     return results
 
@@ -229,23 +248,32 @@ def join_roles(slot: Slot, parts: dict[str, LoraFactors]) -> LoraFactors:
     return LoraFactors(A, B, first.scale)
 
 
-def assemble(results: list[ModuleResult]) -> dict[str, LoraFactors]:
-    """Target module path -> its LoRA factors, joining the roles of fused modules.
+def adapted_modules(results: list[ModuleResult]) -> list[str]:
+    """The target module paths that receive a LoRA, sorted."""
+    return sorted({r.task.tgt.slot.module for r in results if r.skipped is None})
+
+
+def assemble(results: list[ModuleResult]) -> Iterator[tuple[str, LoraFactors]]:
+    """``(target module path, its LoRA factors)`` in ``adapted_modules`` order, joining the roles
+    of fused modules. Built one module at a time (parked factors are read back as needed), so
+    writing them costs the memory of one module, not of the adapter.
 
     Several results for one target role (the ``merge`` layer map) add: their factors stack and
     the sum is re-factorised to the largest of their ranks (``merge_updates``)."""
-    by_slot: dict[str, tuple[Slot, dict[str, list[LoraFactors]]]] = {}
+    by_slot: dict[str, tuple[Slot, dict[str, list[ModuleResult]]]] = {}
     for res in results:
-        if res.factors is None:
+        if res.skipped is not None:
             continue
         slot = res.task.tgt.slot
-        by_slot.setdefault(slot.module, (slot, {}))[1].setdefault(res.task.tgt.role, []).append(
-            res.factors
+        by_slot.setdefault(slot.module, (slot, {}))[1].setdefault(res.task.tgt.role, []).append(res)
+    for module in sorted(by_slot):
+        slot, parts = by_slot[module]
+        yield (
+            module,
+            join_roles(
+                slot, {role: merge_updates([r.factors for r in rs]) for role, rs in parts.items()}
+            ),
         )
-    return {
-        module: join_roles(slot, {role: merge_updates(fs) for role, fs in parts.items()})
-        for module, (slot, parts) in by_slot.items()
-    }
 
 
 def merge_updates(parts: list[LoraFactors]) -> LoraFactors:

@@ -162,31 +162,33 @@ def randomized_svd(
     size = b * (fast.steps + 1)
     gen = torch.Generator(device=w.device).manual_seed(fast.seed)
     omega = torch.randn(n, b, generator=gen, device=w.device, dtype=w.dtype)
-    basis = torch.empty(m, size, device=w.device, dtype=w.dtype)  # Y
-    image = torch.empty(n, size, device=w.device, dtype=w.dtype)  # Z = Wᵀ Y
-    back = torch.empty(m, size, device=w.device, dtype=w.dtype)  # W Z
-    basis[:, :b] = _orth(w @ omega, passes=1)
+    # Stored transposed, one block of rows per step: a (b, m) block times W runs 15-30 % faster
+    # than W times an (m, b) block on CPUs (measured, one thread, 14336 x 4096).
+    basis = torch.empty(size, m, device=w.device, dtype=w.dtype)  # Yᵀ
+    image = torch.empty(size, n, device=w.device, dtype=w.dtype)  # Zᵀ = Yᵀ W
+    back = torch.empty(size, m, device=w.device, dtype=w.dtype)  # (W Z)ᵀ
+    basis[:b] = _orth(w @ omega, passes=1).mT
     del omega
     for j in range(fast.steps + 1):
-        cols = slice(j * b, (j + 1) * b)
-        image[:, cols] = w.mT @ basis[:, cols]
-        y = w @ image[:, cols]
-        back[:, cols] = y
+        rows = slice(j * b, (j + 1) * b)
+        torch.matmul(basis[rows], w, out=image[rows])
+        y = back[rows]
+        torch.matmul(image[rows], w.mT, out=y)
         if j < fast.steps:  # the next block: W Wᵀ y, kept from collapsing onto earlier blocks
-            done = basis[:, : (j + 1) * b]
+            done = basis[: (j + 1) * b]
             for _ in range(2):  # twice is enough (one classical pass leaves ~1e-2 overlaps)
-                y = y - done @ (done.mT @ y)
-            basis[:, (j + 1) * b : (j + 2) * b] = _orth(y, passes=1)
-    gram = basis.double().mT @ basis.double()
+                y = y - (y @ done.mT) @ done
+            basis[(j + 1) * b : (j + 2) * b] = _orth(y.mT, passes=1).mT
+    gram = basis.double() @ basis.double().mT
     with one_thread():
         chol, info = torch.linalg.cholesky_ex(gram)
     eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
     if int(info) == 0 and float((gram - eye).abs().max()) < 1e-3:
-        h = basis.double().mT @ back.double()
+        h = basis.double() @ back.double().mT
     else:  # W (numerically) of rank below L: the blocks degenerated; QR, one more product
-        basis = torch.linalg.qr(basis).Q
-        image = w.mT @ basis
-        h = image.double().mT @ image.double()
+        basis = torch.linalg.qr(basis.mT).Q.mT
+        image = basis @ w
+        h = image.double() @ image.double().mT
         chol = eye
     del back
     with one_thread():
@@ -196,8 +198,8 @@ def randomized_svd(
     evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k]
     s = evals.clamp_min(0).sqrt()
     coef = c_inv.mT @ evecs
-    u = basis @ coef.to(w.dtype)
-    v = image @ (coef * _inverse_above_noise(s)).to(w.dtype)
+    u = basis.mT @ coef.to(w.dtype)
+    v = image.mT @ (coef * _inverse_above_noise(s)).to(w.dtype)
     return u, s.to(w.dtype), v
 
 

@@ -13,9 +13,16 @@ import torch
 from crosslora import __version__
 from crosslora.basis_cache import BasisCache, default_cache_dir
 from crosslora.errors import CrossLoraError
-from crosslora.execute import CACHE_MIN_ELEMENTS, BasisSettings, assemble, execute_batch
-from crosslora.io.output import check_output_path, staged_folder
+from crosslora.execute import (
+    CACHE_MIN_ELEMENTS,
+    BasisSettings,
+    adapted_modules,
+    assemble,
+    execute_batch,
+)
+from crosslora.io.output import check_output_path, output_filesystem, staged_folder
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
+from crosslora.io.spool import Spool
 from crosslora.linalg import SVD_MODES
 from crosslora.methods import DEFAULT_METHOD
 from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve, resolve_batch
@@ -149,18 +156,20 @@ def run_plans(
     start = time.perf_counter()
     cache = basis_cache(options)
     bases = BasisSettings(options.svd, cache, options.cache_min_elements)
-    all_results = execute_batch(batch, plans, device, progress, bases)
-    seconds = time.perf_counter() - start
-    extra = {"basis_cache": cache.stats()} if cache is not None else {}  # the invocation's
-    for results in all_results:  # refuse before writing anything
-        if not any(r.skipped is None for r in results):
-            first = next((r for r in results if r.skipped), None)
-            why = f" (first: {first.task.src.label}: {first.skipped})" if first else ""
-            raise CrossLoraError(f"every module was skipped{why}; nothing written")
-    return [
-        _write(inputs, plan, results, options, device, out, overwrite, seconds, extra)
-        for inputs, plan, results, out in zip(batch, plans, all_results, outs)
-    ]
+    # finished factors wait on disk, in the output's filesystem, not in memory
+    with Spool(output_filesystem(outs[0]), str(outs[0])) as spool:
+        all_results = execute_batch(batch, plans, device, progress, bases, spool)
+        seconds = time.perf_counter() - start
+        extra = {"basis_cache": cache.stats()} if cache is not None else {}  # the invocation's
+        for results in all_results:  # refuse before writing anything
+            if not any(r.skipped is None for r in results):
+                first = next((r for r in results if r.skipped), None)
+                why = f" (first: {first.task.src.label}: {first.skipped})" if first else ""
+                raise CrossLoraError(f"every module was skipped{why}; nothing written")
+        return [
+            _write(inputs, plan, results, options, device, out, overwrite, seconds, extra)
+            for inputs, plan, results, out in zip(batch, plans, all_results, outs)
+        ]
 
 
 def _write(
@@ -174,7 +183,6 @@ def _write(
     seconds: float,
     extra: dict,
 ) -> dict:
-    modules = assemble(results)
     settings = {**asdict(options), "device": str(device)}
     report = {**build_report(inputs, plan, results, settings, seconds), **extra}
     tgt = inputs.tgt
@@ -183,7 +191,7 @@ def _write(
     }
     name_of = {m: _short_name(s, list(tgt.family.modules)) for m, s in suffix_of.items()}
     layer_of = {r.task.tgt.slot.module: r.task.tgt.layer for r in results}
-    selection = target_modules_for(list(modules), layer_of, name_of, tgt.num_layers)
+    selection = target_modules_for(adapted_modules(results), layer_of, name_of, tgt.num_layers)
     dtype = DTYPES[options.dtype] if options.dtype else inputs.adapter.dtype
     src_cfg = inputs.adapter.config
     metadata = {
@@ -195,7 +203,7 @@ def _write(
     }
     with staged_folder(out, overwrite) as tmp:
         write_adapter(
-            tmp, modules,
+            tmp, assemble(results),
             base_model=inputs.tgt_name,
             r=inputs.adapter.r,
             lora_alpha=inputs.adapter.lora_alpha,

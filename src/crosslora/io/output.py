@@ -35,6 +35,12 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def output_filesystem(out: Path) -> Path:
+    """The nearest existing folder at or above ``out``'s parent: where temporary files that need
+    the output's disk (not a tmpfs in memory) go."""
+    return _nearest_existing(_parent(out))
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import read_json, resolve_local_or_hub
-from crosslora.io.safetensors_file import TensorFile
+from crosslora.io.safetensors_file import TensorFile, write_safetensors
 from crosslora.lora import LoraFactors
 
 log = logging.getLogger("crosslora")
@@ -360,7 +361,7 @@ def target_modules_for(
 
 def write_adapter(
     folder: Path,
-    modules: dict[str, LoraFactors],
+    modules: Mapping[str, LoraFactors] | Iterable[tuple[str, LoraFactors]],
     *,
     base_model: str,
     r: int,
@@ -377,28 +378,34 @@ def write_adapter(
 
     The global ``r`` / ``lora_alpha`` / ``use_rslora`` are kept; a module whose rank or scale
     differs gets ``rank_pattern`` / ``alpha_pattern`` entries (full module names) so that PEFT's
-    scale rule reproduces each module's ``scale`` exactly. Returns the config as written.
+    scale rule reproduces each module's ``scale`` exactly. ``modules`` may be a generator (one
+    module's factors in memory at a time: the weights file is streamed, ``write_safetensors``).
+    Returns the config as written.
     """
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     global_scale = lora_scale(lora_alpha, r, use_rslora)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for module, f in sorted(modules.items()):
-        if f.r != r:
-            rank_pattern[module] = f.r
-        if f.scale != lora_scale(lora_alpha, f.r, use_rslora):
-            alpha_pattern[module] = alpha_for_scale(f.scale, f.r, use_rslora)
-        for which, factor in (("A", f.A), ("B", f.B)):
-            tensor = factor.to(dtype=dtype, copy=True).contiguous()
-            if not torch.isfinite(tensor).all():
-                raise CrossLoraError(
-                    f"module {module}: lora_{which} does not fit in {str(dtype).split('.')[-1]} "
-                    "(NaN or Inf after conversion; try --dtype float32)"
-                )
-            tensors[lora_key(module, which)] = tensor
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        pairs = sorted(modules.items()) if isinstance(modules, Mapping) else modules
+        for module, f in pairs:
+            if f.r != r:
+                rank_pattern[module] = f.r
+            if f.scale != lora_scale(lora_alpha, f.r, use_rslora):
+                alpha_pattern[module] = alpha_for_scale(f.scale, f.r, use_rslora)
+            for which, factor in (("A", f.A), ("B", f.B)):
+                tensor = factor.to(dtype=dtype, copy=True).contiguous()
+                if not torch.isfinite(tensor).all():
+                    raise CrossLoraError(
+                        f"module {module}: lora_{which} does not fit in "
+                        f"{str(dtype).split('.')[-1]} (NaN or Inf after conversion; try --dtype "
+                        "float32)"
+                    )
+                yield lora_key(module, which), tensor
+
+    write_safetensors(folder / WEIGHTS_NAME, tensors(), {"format": "pt", **metadata})
     log.debug("global scale %.6g; %d rank / %d alpha pattern entries", global_scale,
               len(rank_pattern), len(alpha_pattern))  # fmt: skip
     layer_fields = dict(selection)
@@ -417,13 +424,4 @@ def write_adapter(
         **(extra or {}),
     )
     config.save_pretrained(str(folder))
-    try:
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
-    except OSError:
-        raise
-    except Exception as err:  # safetensors wraps I/O errors (a full disk) in its own type
-        code = re.search(r"\(os error (\d+)\)", str(err))
-        if code:  # the caller reports an OSError against the output path, in one line
-            raise OSError(int(code[1]), os.strerror(int(code[1]))) from err
-        raise CrossLoraError(f"cannot write {WEIGHTS_NAME}: {err}") from err
     return read_json(folder / CONFIG_NAME, "written adapter config")

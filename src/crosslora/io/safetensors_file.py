@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +161,48 @@ class TensorFile:
 
     def close(self) -> None:
         """Nothing is held open between reads; kept for callers that close files."""
+
+
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``tensors`` (name, CPU tensor) as a safetensors file, one tensor in memory at a time.
+
+    ``safetensors.torch.save_file`` serialises a dict it holds whole; here each tensor's bytes go
+    to a data file beside ``path`` as they come, and the header (names, dtypes, shapes, offsets,
+    the 8-byte-aligned JSON the format defines) is written in front once all are known. The
+    result reads back with ``safetensors`` and PEFT unchanged.
+    """
+    path = Path(path)
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    data = path.with_name(f".{path.name}.data")
+    try:
+        with open(data, "w+b") as body:
+            offset = 0
+            for name, tensor in tensors:
+                if name in header:
+                    raise ValueError(f"tensor {name!r} written twice")
+                tensor = tensor.detach().to("cpu").contiguous()
+                raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                body.write(raw)
+                header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                                "shape": list(tensor.shape),
+                                "data_offsets": [offset, offset + len(raw)]}  # fmt: skip
+                offset += len(raw)
+            raw_header = json.dumps(header, separators=(",", ":")).encode()
+            raw_header += b" " * (-len(raw_header) % 8)
+            body.seek(0)
+            with open(path, "wb") as out:
+                out.write(len(raw_header).to_bytes(8, "little"))
+                out.write(raw_header)
+                shutil.copyfileobj(body, out, 16 << 20)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        data.unlink(missing_ok=True)

@@ -183,7 +183,7 @@ class Matched(Method):
                            load_model(self.paths[1], self.device, "target model"))  # fmt: skip
         model_s, model_t = self.models
         (batch_s, batch_t), (pad_s, pad_t) = self.batches, self.pads
-        done = [r for r in results if r.factors is not None]
+        done = [r for r in results if r.skipped is None]
         roles = sorted({r.task.tgt.role for r in done}, key=ROLES.index)
         fresh = self.base_ll is None
         bar = tqdm(total=2 * fresh + 3 + len(roles), desc="calibrate (matched)", unit="pass",
