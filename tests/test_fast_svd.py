@@ -63,6 +63,28 @@ def test_fast_bases_match_exact_on_a_decaying_spectrum(m, n):
     assert rel(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("off", [0.0, 3e-4])
+def test_rayleigh_ritz_undoes_a_basis_that_is_not_orthonormal(off):
+    """The Ritz step recovers W's exact top triplets from any basis spanning them: one that is
+    orthonormal (used as is) and one whose Gram matrix is off by up to 3e-4 (corrected by
+    ``C⁻¹ H C⁻ᵀ``; used as if orthonormal it would be off by ~1e-4)."""
+    from crosslora.linalg import _rayleigh_ritz
+
+    g = torch.Generator().manual_seed(9)
+    m, n, rank, size = 300, 200, 12, 20
+    u = torch.linalg.qr(torch.randn(m, size, generator=g, dtype=torch.float64)).Q
+    w = (u[:, :rank] * torch.linspace(3, 1, rank, dtype=torch.float64)) @ torch.linalg.qr(
+        torch.randn(n, rank, generator=g, dtype=torch.float64)).Q.T  # fmt: skip
+    skew = torch.randn(size, size, generator=g, dtype=torch.float64)
+    basis = (torch.eye(size, dtype=torch.float64) + off / 2 * skew / skew.abs().max()) @ u.T
+    gram_off = float((basis @ basis.T - torch.eye(size, dtype=torch.float64)).abs().max())
+    assert (gram_off > 1e-6) == (off > 0)
+    us, ss, vs = _rayleigh_ritz(w, basis, basis @ w, (w @ w.T @ basis.T).T, rank)
+    ue, se, vhe = torch.linalg.svd(w)
+    assert float((ss - se[:rank]).abs().max()) < 1e-10
+    assert float(((us * ss) @ vs.T - w).abs().max()) < 1e-10
+
+
 def test_fast_path_keeps_the_sign_convention():
     u, _, v = svd_bases(decaying(480, 480, seed=4), 40, 40, "fast")
     top = u.gather(0, u.abs().argmax(dim=0, keepdim=True))

@@ -1,5 +1,5 @@
 """Memory that does not grow with depth: finished factors parked on disk (``Spool``), the weights
-file written one tensor at a time (``write_safetensors``)."""
+file written one tensor at a time (``write_safetensors``), glibc's heap kept from fragmenting."""
 
 from __future__ import annotations
 
@@ -83,3 +83,16 @@ def test_parked_results_equal_held_results(method, tiny_model, tiny_adapter, tmp
             assert torch.equal(a.factors.A, b.factors.A) and torch.equal(a.factors.B, b.factors.B)
         modules = list(assemble(parked))
         assert [m for m, _ in modules] == sorted(m for m, _ in assemble(held))
+
+
+def test_large_frees_go_back_to_the_system(monkeypatch):
+    """glibc's mmap threshold is fixed (the measured flat-memory fix), unless the user set it."""
+    import platform
+
+    from crosslora.heap import return_large_frees
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_large_frees() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert return_large_frees() is True

@@ -20,6 +20,7 @@ from crosslora.execute import (
     assemble,
     execute_batch,
 )
+from crosslora.heap import return_large_frees
 from crosslora.io.output import check_output_path, output_filesystem, staged_folder
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
@@ -154,6 +155,7 @@ def run_plans(
     progress: bool,
 ) -> list[dict]:
     start = time.perf_counter()
+    return_large_frees()  # peak memory flat in the number of layers (glibc heap fragmentation)
     cache = basis_cache(options)
     bases = BasisSettings(options.svd, cache, options.cache_min_elements)
     # finished factors wait on disk, in the output's filesystem, not in memory
