@@ -211,7 +211,8 @@ class Matched(Method):
             scales = cal.fit_scales(d_s, full, slopes)
             for res, u, role in zip(done, updates, role_of):
                 c = float(scales[roles.index(role)])
-                res.factors = LoraFactors(res.factors.A, res.factors.B * c, res.factors.scale)
+                f = res.factors  # read back once if parked
+                res.factors = LoraFactors(f.A, f.B * c, f.scale)
                 res.diagnostics["calibration"] = round(c, 4)
                 u.delta = u.delta * c
             after = ll(model_t, batch_t, pad_t, updates) - base_t
