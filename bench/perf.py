@@ -54,6 +54,7 @@ ROLES = {  # role -> (module path suffix, (out, in) from config)
 }
 
 THREADS = 0  # torch threads in the children (0: torch's default)
+DEVICE = "cpu"  # where the children compute (--device)
 DEPTHS: list[int] = []  # layer counts for the depth curve (empty: 1, 2, 4, ... up to --layers)
 
 # size -> (source: llama, target: mistral); the real models' shapes
@@ -206,7 +207,7 @@ def child(args: argparse.Namespace) -> None:
     imports = time.perf_counter() - start
 
     options = TransferOptions(method="cross-lora", svd=args.svd, cache=args.cache_dir is not None,
-                              cache_dir=args.cache_dir, device="cpu")  # fmt: skip
+                              cache_dir=args.cache_dir, device=args.device)  # fmt: skip
     start = time.perf_counter()
     report = transfer(args.adapter, args.src, args.tgt, args.out, options, overwrite=True,
                       progress=False)  # fmt: skip
@@ -215,6 +216,8 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": round(seconds, 2), "imports_seconds": round(imports, 2),
                       "compute_seconds": report["summary"]["seconds"],
                       "peak_rss_mb": round(rss),
+                      **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20)}
+                         if args.device.startswith("cuda") else {}),
                       "basis_cache": report.get("basis_cache"),
                       "transferred": report["summary"]["transferred"],
                       "modules": [[m["role"], m["source_shape"], m["target_shape"], m["seconds"]]
@@ -224,7 +227,7 @@ def child(args: argparse.Namespace) -> None:
 def measure(adapter: Path, src: Path, tgt: Path, out: Path, svd: str,
             cache_dir: Path | None) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "child", "--adapter", str(adapter), "--src", str(src),
-           "--tgt", str(tgt), "--out", str(out), "--svd", svd]  # fmt: skip
+           "--tgt", str(tgt), "--out", str(out), "--svd", svd, "--device", DEVICE]  # fmt: skip
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
     if THREADS:
@@ -417,7 +420,8 @@ def summary(results: dict) -> str:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         p = argparse.ArgumentParser()
-        for name in ("--adapter", "--src", "--tgt", "--out", "--svd", "--cache-dir", "--threads"):
+        names = "--adapter --src --tgt --out --svd --cache-dir --threads --device"
+        for name in names.split():
             p.add_argument(name)
         return child(p.parse_args(sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -434,6 +438,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in each measured transfer (default: torch's own; "
                    "1 keeps LAPACK from collapsing on a shared, busy CPU)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="where the transfers compute (cpu, cuda)")
     p.add_argument("--results", type=Path, default=Path("/tmp/crosslora-perf.json"))
     p.add_argument("--matrices", action="store_true",
                    help="only time exact vs fast bases on one matrix of each shape (no "
@@ -451,8 +456,8 @@ def main() -> None:
         print(f"results: {args.results}")
         return None
     sizes = args.size or ["1b"]
-    global THREADS, DEPTHS
-    THREADS = args.threads
+    global THREADS, DEPTHS, DEVICE
+    THREADS, DEVICE = args.threads, args.device
     DEPTHS = sorted({min(int(d), args.layers) for d in args.depths.split(",") if d})
     if args.work.exists():
         shutil.rmtree(args.work)
@@ -460,6 +465,7 @@ def main() -> None:
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch_threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": args.device,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "load_1min_at_start": round(os.getloadavg()[0], 2), "sizes": {},
     }  # fmt: skip
