@@ -194,23 +194,26 @@ def _rayleigh_ritz(
     gram = (basis @ basis.mT).double()  # float32 is enough to see (and undo) non-orthonormality
     eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
     off = float((gram - eye).abs().max())  # ~3e-7 after two Gram-Schmidt passes
+    c_inv = None  # C⁻¹ for G = C Cᵀ, where Y is not orthonormal to ORTHONORMAL
+    left, right = basis, back  # H = Yᵀ W Wᵀ Y = left rightᵀ
+    if off > ORTHONORMAL:
+        with one_thread():
+            chol, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0 and off < 1e-3:
+            with one_thread():
+                c_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        else:  # W (numerically) of rank below L: the blocks degenerated; QR, one more product
+            basis = torch.linalg.qr(basis.mT).Q.mT
+            image = basis @ w
+            left = right = image  # H = Zᵀ Z: no second product with W
+    h = left.double() @ right.double().mT
     with one_thread():
-        chol, info = torch.linalg.cholesky_ex(gram)
-    if off <= ORTHONORMAL or (int(info) == 0 and off < 1e-3):
-        h = basis.double() @ back.double().mT
-    else:  # W (numerically) of rank below L: the blocks degenerated; QR, one more product
-        basis = torch.linalg.qr(basis.mT).Q.mT
-        image = basis @ w
-        h = image.double() @ image.double().mT
-        off = 0.0
-    with one_thread():
-        if off > ORTHONORMAL:  # C⁻¹ H C⁻ᵀ: Rayleigh-Ritz in the orthonormalised basis
-            c_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        if c_inv is not None:  # C⁻¹ H C⁻ᵀ: Rayleigh-Ritz in the orthonormalised basis
             h = c_inv @ h @ c_inv.mT
         evals, evecs = torch.linalg.eigh((h + h.mT) / 2)  # ascending
     evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k]
     s = evals.clamp_min(0).sqrt()
-    coef = c_inv.mT @ evecs if off > ORTHONORMAL else evecs
+    coef = evecs if c_inv is None else c_inv.mT @ evecs
     u = basis.mT @ coef.to(w.dtype)
     v = image.mT @ (coef * _inverse_above_noise(s)).to(w.dtype)
     return u, s.to(w.dtype), v

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,7 +361,7 @@ def target_modules_for(
 
 def write_adapter(
     folder: Path,
-    modules: Mapping[str, LoraFactors] | Iterable[tuple[str, LoraFactors]],
+    modules: Iterable[tuple[str, LoraFactors]],
     *,
     base_model: str,
     r: int,
@@ -378,9 +378,9 @@ def write_adapter(
 
     The global ``r`` / ``lora_alpha`` / ``use_rslora`` are kept; a module whose rank or scale
     differs gets ``rank_pattern`` / ``alpha_pattern`` entries (full module names) so that PEFT's
-    scale rule reproduces each module's ``scale`` exactly. ``modules`` may be a generator (one
-    module's factors in memory at a time: the weights file is streamed, ``write_safetensors``).
-    Returns the config as written.
+    scale rule reproduces each module's ``scale`` exactly. ``modules``, ``(module path, factors)``
+    pairs, may be a generator: the weights file is streamed (``write_safetensors``), so one
+    module's factors are in memory at a time. Returns the config as written.
     """
     from peft import LoraConfig
 
@@ -389,8 +389,7 @@ def write_adapter(
     alpha_pattern: dict[str, float] = {}
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        pairs = sorted(modules.items()) if isinstance(modules, Mapping) else modules
-        for module, f in pairs:
+        for module, f in modules:
             if f.r != r:
                 rank_pattern[module] = f.r
             if f.scale != lora_scale(lora_alpha, f.r, use_rslora):

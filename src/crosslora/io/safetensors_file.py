@@ -118,6 +118,23 @@ def _check_entry(path: Path, name: str, entry: object, data_size: int) -> Tensor
     return TensorInfo(dtype, tuple(shape), start, end)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of ``tensor`` (moved to the CPU, made contiguous), without a copy there."""
+    t = tensor.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_into(fd: int, out: torch.Tensor, offset: int) -> None:
+    """Fill the CPU tensor ``out`` with the bytes of file ``fd`` from ``offset`` (positioned
+    reads, no memory map); ``CrossLoraError`` if the file ends first."""
+    view, done = tensor_bytes(out), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CrossLoraError(f"file ends after {done} of {len(view)} bytes")
+        done += got
+
+
 class TensorFile:
     """A validated safetensors file whose tensors are read on demand, one at a time."""
 
@@ -146,12 +163,7 @@ class TensorFile:
             with open(self.path, "rb") as f:
                 if self._data_start is None:
                     self._data_start = 8 + int.from_bytes(f.read(8), "little")
-                view, done = memoryview(buf.numpy()), 0
-                while done < size:
-                    got = os.preadv(f.fileno(), [view[done:]], self._data_start + info.start + done)
-                    if got <= 0:
-                        raise CrossLoraError(f"file ends after {done} of {size} bytes")
-                    done += got
+                read_into(f.fileno(), buf, self._data_start + info.start)
         except OSError as err:
             msg = f"{self.path}: cannot read tensor {name!r}: {err.strerror or err}"
             raise CrossLoraError(msg) from err
@@ -187,8 +199,7 @@ def write_safetensors(
             for name, tensor in tensors:
                 if name in header:
                     raise ValueError(f"tensor {name!r} written twice")
-                tensor = tensor.detach().to("cpu").contiguous()
-                raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                raw = tensor_bytes(tensor)
                 body.write(raw)
                 header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype],
                                 "shape": list(tensor.shape),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from crosslora.errors import CrossLoraError
+from crosslora.io.safetensors_file import read_into, tensor_bytes
 from crosslora.lora import LoraFactors
 
 
@@ -62,28 +63,21 @@ class Spool:
         return self._end
 
     def put(self, tensor: torch.Tensor) -> Parked:
-        t = tensor.detach().to("cpu").contiguous()
-        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        raw = tensor_bytes(tensor)
         fd, done = self._file.fileno(), 0
         try:
             while done < len(raw):
                 done += os.pwrite(fd, raw[done:], self._end + done)
         except OSError as err:
             raise self._error(err) from err
-        parked = Parked(self._end, tuple(t.shape), t.dtype)
+        parked = Parked(self._end, tuple(tensor.shape), tensor.dtype)
         self._end += len(raw)
         return parked
 
     def get(self, parked: Parked) -> torch.Tensor:
         """A fresh CPU tensor with the parked contents."""
         out = torch.empty(parked.shape, dtype=parked.dtype)
-        raw = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        fd, done = self._file.fileno(), 0
-        while done < len(raw):
-            got = os.preadv(fd, [raw[done:]], parked.offset + done)
-            if got <= 0:
-                raise OSError(f"spool ends {len(raw) - done} bytes early")
-            done += got
+        read_into(self._file.fileno(), out, parked.offset)
         return out
 
     def park(self, factors: LoraFactors) -> ParkedFactors:
