@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_adapter import DATA_DIR, SOURCES, load_examples, parse_row  # noqa: E402
+from train_adapter import untrained_rows  # noqa: E402
 
 OUT = Path(__file__).parent / "dev"
 
@@ -29,15 +29,11 @@ def main() -> None:
     p.add_argument("--train-per-source", type=int, default=400, help="as the adapters' training")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
-    used, _ = load_examples(0, args.train_per_source)
-    taken = {(e["source"], e["row"]) for e in used}
+    free = untrained_rows(args.train_per_source)
     rng = random.Random(args.seed)
     lines = []
     for source in ("arc_easy", "arc_challenge"):
-        rows = json.loads((DATA_DIR / SOURCES[source]).read_text())
-        free = [(i, parse_row(r)) for i, r in enumerate(rows) if (source, i) not in taken]
-        free = [(i, p) for i, p in free if p is not None]
-        for i, (q, choices, gold) in sorted(rng.sample(free, args.per_source)):
+        for i, (q, choices, gold) in sorted(rng.sample(free[source], args.per_source)):
             lines.append({"id": f"{source}-train-{i}", "question": q, "choices": choices,
                           "gold": gold})  # fmt: skip
     OUT.mkdir(exist_ok=True)

@@ -154,6 +154,19 @@ def load_examples(seed: int, per_source: int | None) -> tuple[list[dict], dict]:
     return examples, stats
 
 
+def untrained_rows(per_source: int) -> dict[str, list[tuple[int, tuple[str, list[str], int]]]]:
+    """Per source, its parsed rows (row index, (question, choices, gold)), in row order, that
+    adapters trained with ``--per-source per_source`` (seed 0) did not see."""
+    used, _ = load_examples(0, per_source)
+    taken = {(e["source"], e["row"]) for e in used}
+    free: dict[str, list] = {}
+    for source, name in SOURCES.items():
+        rows = json.loads((DATA_DIR / name).read_text())
+        parsed = ((i, parse_row(r)) for i, r in enumerate(rows) if (source, i) not in taken)
+        free[source] = [(i, p) for i, p in parsed if p is not None]
+    return free
+
+
 def data_sha256(examples: list[dict]) -> str:
     blob = json.dumps(examples, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -24,6 +24,7 @@ import crosslora.methods.matched as mm
 from crosslora.arch.layout import Layout
 from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.peft_adapter import read_adapter
+from crosslora.layer_map import map_layers
 
 SPACES = {"attn_in": ("q", "k", "v"), "mlp_in": ("gate", "up"), "attn_out": ("o",),
           "mlp_mid": ("down",)}  # fmt: skip
@@ -54,6 +55,7 @@ def main(src_name: str, tgt_name: str, adapter_dir: str) -> None:
     acts_s, acts_t = method.acts_s, method.acts_t
     held = torch.tensor([j % 4 == 3 for j, p in enumerate(positions) for _ in p])
     ns, nt = src.num_layers, tgt.num_layers
+    nearest = map_layers("merge", ns, nt)  # every source layer to the nearest relative depth
     for space, roles in SPACES.items():
         feats = {}
         for ls in range(ns):
@@ -69,7 +71,7 @@ def main(src_name: str, tgt_name: str, adapter_dir: str) -> None:
             for ls, f in feats.items():
                 w = ridge.solve(x[~held].double().mT @ f[~held])
                 res[ls, lt] = float((x[held].double() @ w - f[held]).norm() / f[held].norm())
-        depth = torch.tensor([res[i, round(i * (nt - 1) / max(ns - 1, 1))] for i in feats])
+        depth = torch.tensor([res[i, nearest.pairs[i]] for i in feats])
         best = res[list(feats)].min(dim=1)
         worse = int((depth >= 1).sum())
         print(

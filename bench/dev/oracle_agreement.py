@@ -22,7 +22,7 @@ from peft import PeftModel
 
 import crosslora.methods.matched as mm
 from crosslora.anchor import calibrate as cal
-from crosslora.anchor.probe import ProbeBatch, align, load_model, sample_texts, special_id
+from crosslora.anchor.probe import ProbeBatch, align, load_model, special_id
 from crosslora.anchor.vocab import load_tokenizer
 from crosslora.zoo.models import model_path
 
@@ -42,10 +42,7 @@ def main(src: str, tgt: str, adapter_s: str, oracle: str, *transferred: str) -> 
     tok_s, tok_t = load_tokenizer(path_s, "source"), load_tokenizer(path_t, "target")
     cpu = torch.device("cpu")
     model_s, model_t = load_model(path_s, cpu, "source"), load_model(path_t, cpu, "target")
-    half = mm.N_TEXTS // 2
-    texts = sample_texts(model_s, tok_s, half, mm.TEXT_TOKENS, mm.SEED) + sample_texts(
-        model_t, tok_t, mm.N_TEXTS - half, mm.TEXT_TOKENS, mm.SEED + 1
-    )
+    texts = mm.probe_texts(model_s, tok_s, model_t, tok_t, mm.N_TEXTS, mm.SEED)
     keep = slice(None, None, mm.N_TEXTS // mm.CALIBRATION_TEXTS)
     aligned = align(texts, tok_s, tok_t)
     batch_s, batch_t = (ProbeBatch(b.ids[keep], b.positions[keep]) for b in aligned)

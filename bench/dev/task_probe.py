@@ -27,38 +27,27 @@ from pathlib import Path
 import torch
 
 import crosslora.methods.matched as mm
-from crosslora.anchor.probe import align, load_model, sample_texts
+from crosslora.anchor.probe import align, load_model
 from crosslora.anchor.vocab import load_tokenizer
 from crosslora.transfer import TransferOptions, transfer
 from crosslora.zoo.models import model_path
 
 BENCH = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BENCH))
-from train_adapter import DATA_DIR, SOURCES, load_examples, parse_row, to_request  # noqa: E402
+from train_adapter import to_request, untrained_rows  # noqa: E402
 
 
 def task_texts(n: int, seed: int = 7) -> list[str]:
     """``n`` train rows (prompt + gold answer), none trained on and none in the dev task."""
-    used, _ = load_examples(0, 400)  # the shipped adapters' training sample
-    taken = {(e["source"], e["row"]) for e in used}
     dev_rows = (BENCH / "dev" / "arc_dev.jsonl").read_text().splitlines()
     dev = {json.loads(line)["id"] for line in dev_rows}
-    pool = []
-    for source, name in SOURCES.items():
-        for i, row in enumerate(json.loads((DATA_DIR / name).read_text())):
-            parsed = parse_row(row)
-            if parsed is None or (source, i) in taken or f"{source}-train-{i}" in dev:
-                continue
-            context, continuation = to_request(source, *parsed)
-            pool.append(context + continuation)
+    pool = [
+        "".join(to_request(source, *parsed))
+        for source, rows in untrained_rows(400).items()  # the shipped adapters' --per-source
+        for i, parsed in rows
+        if f"{source}-train-{i}" not in dev
+    ]
     return random.Random(seed).sample(pool, n)
-
-
-def generic_texts(path_s: Path, path_t: Path, tok_s, tok_t) -> list[str]:
-    """32 texts sampled as `matched` samples its own, with the next two seeds."""
-    cpu, half, length = torch.device("cpu"), mm.CALIBRATION_TEXTS // 2, mm.TEXT_TOKENS
-    texts = sample_texts(load_model(path_s, cpu, "source"), tok_s, half, length, mm.SEED + 2)
-    return texts + sample_texts(load_model(path_t, cpu, "target"), tok_t, half, length, mm.SEED + 3)
 
 
 def main() -> None:
@@ -79,7 +68,13 @@ def main() -> None:
     calibration = None
     if args.use != "both":
         tok_s, tok_t = load_tokenizer(path_s, "source"), load_tokenizer(path_t, "target")
-        held = texts if args.use == "calibration" else generic_texts(path_s, path_t, tok_s, tok_t)
+        if args.use == "calibration":
+            held = texts
+        else:  # 32 generic texts sampled as `matched` samples its own, with the next two seeds
+            cpu = torch.device("cpu")
+            held = mm.probe_texts(load_model(path_s, cpu, "source"), tok_s,
+                                  load_model(path_t, cpu, "target"), tok_t,
+                                  mm.CALIBRATION_TEXTS, mm.SEED + 2)  # fmt: skip
         calibration = align(held, tok_s, tok_t)
     prepare = mm.Matched.prepare
 

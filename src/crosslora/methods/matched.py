@@ -138,14 +138,8 @@ class Matched(Method):
         tok_t = load_tokenizer(tgt.checkpoint.path, "target model")
         model_s = load_model(src.checkpoint.path, device, "source model")
         model_t = load_model(tgt.checkpoint.path, device, "target model")
-        half = N_TEXTS // 2
-        bars = log.isEnabledFor(logging.INFO)  # off with -q
-        texts = sample_texts(
-            model_s, tok_s, half, TEXT_TOKENS, SEED, desc="probe text (source)" if bars else None
-        ) + sample_texts(
-            model_t, tok_t, N_TEXTS - half, TEXT_TOKENS, SEED + 1,
-            desc="probe text (target)" if bars else None,
-        )  # fmt: skip
+        texts = probe_texts(model_s, tok_s, model_t, tok_t, N_TEXTS, SEED,
+                            bars=log.isEnabledFor(logging.INFO))  # fmt: skip
         batch_s, batch_t = align(texts, tok_s, tok_t)
         n = sum(len(p) for p in batch_s.positions)
         if n < MIN_POSITIONS:
@@ -283,6 +277,16 @@ class Matched(Method):
     def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
         """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
         return acts.residual[min(layer + 1, num_layers - 1)].to(self.device)
+
+
+def probe_texts(model_s, tok_s, model_t, tok_t, n: int, seed: int, bars: bool = False) -> list[str]:
+    """``n`` probe texts: the first half sampled from the source model (``seed``), the rest from
+    the target (``seed + 1``), ``TEXT_TOKENS`` new tokens each; progress bars when ``bars``."""
+    half = n // 2
+    desc_s, desc_t = ("probe text (source)", "probe text (target)") if bars else (None, None)
+    return sample_texts(model_s, tok_s, half, TEXT_TOKENS, seed, desc=desc_s) + sample_texts(
+        model_t, tok_t, n - half, TEXT_TOKENS, seed + 1, desc=desc_t
+    )
 
 
 def _source_updates(inputs, results) -> list[cal.Update]:
