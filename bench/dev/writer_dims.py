@@ -6,7 +6,7 @@ of it, with their shares, and the median over layers of the largest dimension's 
 
     .venv/bin/python bench/dev/writer_dims.py adapters/qwen2.5-0.5b-commonsense OUT/...
 
-An adapter trained on a model spreads its writes (the shipped adapters: no dimension above 0.3 %).
+An adapter trained on a model spreads its writes (the shipped adapters: at most 1 % per layer).
 A transferred adapter that puts most of its update into one dimension did not get it from the
 source adapter: it came from the residual-stream map (docs/results.md, eighth session).
 """
@@ -18,27 +18,28 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from crosslora.io.peft_adapter import Adapter, read_adapter
 
 WRITERS = ("o_proj", "down_proj")
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def writer_energy(adapter: Path, role: str) -> dict[int, torch.Tensor]:
+def writer_energy(adapter: Adapter, role: str) -> dict[int, torch.Tensor]:
     """Per layer, the energy of each row of the role's ``lora_B`` (d,)."""
-    out: dict[int, torch.Tensor] = {}
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if f".{role}.lora_B" in key:
-                out[int(LAYER.search(key).group(1))] = f.get_tensor(key).double().pow(2).sum(1)
-    return out
+    return {
+        int(LAYER.search(module).group(1)): adapter.factors(module).B.double().pow(2).sum(1)
+        for module in adapter.modules
+        if module.endswith(f".{role}")
+    }
 
 
 def main(adapters: list[str]) -> None:
     for name in adapters:
         print(name)
+        adapter = read_adapter(Path(name))
         for role in WRITERS:
-            per_layer = {k: e for k, e in writer_energy(Path(name), role).items() if e.sum() > 0}
+            per_layer = {k: e for k, e in writer_energy(adapter, role).items() if e.sum() > 0}
             if not per_layer:
                 print(f"  {role}: no update")
                 continue
