@@ -156,3 +156,32 @@ def test_matched_is_exact_on_function_preserving_twins_up_to_its_ridge(
     assert "explains 100% of the source\n  adapter's effect" in card, card
     for m in report["modules"]:
         assert m["diagnostics"]["in_fit"] < 1e-3 and m["diagnostics"]["out_fit"] < 1e-3, m
+
+
+@pytest.mark.parametrize(("m_s", "m_t"), [(6, 9), (9, 6)])
+def test_procrustes_recovers_a_scaled_isometry_from_activations(m_s, m_t):
+    """The writers' residual map: from states related by ``h_t = c Q h_s`` (Q semi-orthogonal;
+    widening, or narrowing where the dropped part is uncorrelated with the kept one) it recovers
+    ``c Q`` with a zero residual, and it keeps an update's shape: ``‖M b‖ = c ‖b‖``."""
+    from crosslora.methods.matched import procrustes
+
+    gen = torch.Generator().manual_seed(0)
+    k = min(m_s, m_t)
+    rot = torch.linalg.qr(torch.randn(max(m_s, m_t), max(m_s, m_t), generator=gen).double())[0]
+    z = torch.randn(500, max(m_s, m_t), generator=gen).double() * torch.linspace(
+        0.1, 10, max(m_s, m_t)
+    )
+    kept, dropped = z[:, :k], z[:, k:]
+    dropped = dropped - kept @ torch.linalg.lstsq(kept, dropped).solution  # uncorrelated
+    if m_t >= m_s:  # widening: h_t = c h_s Qᵀ, Q (m_t, m_s) = the first m_s columns of rot
+        q, h_s = rot[:, :m_s], kept
+    else:  # narrowing: h_s mixes a kept and a dropped part; Q (m_t, m_s) keeps the first
+        q, h_s = rot[:m_t], torch.cat([kept, dropped], 1) @ rot
+    h_t = 2.5 * h_s @ q.mT
+    m_res, out_fit = procrustes(h_s.float(), h_t.float())
+    assert m_res.shape == (m_t, m_s)
+    torch.testing.assert_close(m_res, 2.5 * q, atol=1e-4, rtol=0)
+    assert out_fit < 1e-5
+    b = torch.randn(k, 3, generator=gen).double()  # an update the target can keep
+    b = b if m_t >= m_s else q.mT @ b
+    torch.testing.assert_close((m_res @ b).norm(dim=0), 2.5 * b.norm(dim=0), atol=1e-4, rtol=0)

@@ -8,19 +8,31 @@ positions, the adapter's update should act on the target as it acts on the sourc
 
     ΔW_t X_tᵀ ≈ M ΔW_s X_sᵀ,   M the map from the source module's output space to the target's.
 
-With ``ΔW = B A`` this splits into two ridge regressions that keep the rank and the factors:
+With ``ΔW = B A`` this splits into two fits that keep the rank and the factors:
 
 - ``A_t``: the target reads the adapter's r input features: ``A_t = argmin ‖X_t A_tᵀ − X_s A_sᵀ‖``
   (+ ridge), i.e. ``A_tᵀ = (X_tᵀ X_t + λ I)⁻¹ X_tᵀ X_s A_sᵀ``  (n_t, r);
-- ``B_t = M B_s``  (m_t, r), with ``M = Y_tᵀ Y_s (Y_sᵀ Y_s + λ I)⁻¹`` the least-squares map between
-  output spaces, fitted on activations that span them: for q, k and v the base modules' own
-  outputs ``Y = X Wᵀ`` (head spaces); for gate and up the MLP's neuron activations (what down
-  reads: the pre-activations ``X Wᵀ`` span only a residual-width slice of the wider neuron space,
-  the activations all of it); for o and down, which write the residual stream, the residual
-  stream after the layer, ``M = M_res``. Where a family normalises the output before adding it
-  (Gemma 2/3's post-norms), an output change ``δy`` reaches the residual as ``g ⊙ δy / rms(y)``,
-  so ``M = S_t⁻¹ M_res S_s`` with ``S = diag(g) / rms(y)`` (``rms(y)`` the median over probe
-  positions of the module output's RMS; ``g⁻¹`` regularised near zero).
+- q, k, v, gate and up: ``B_t = M B_s``  (m_t, r), with ``M = Y_tᵀ Y_s (Y_sᵀ Y_s + λ I)⁻¹`` the
+  least-squares map between output spaces, fitted on activations that span them: for q, k and
+  v the base modules' own outputs ``Y = X Wᵀ`` (head spaces); for gate and up the MLP's neuron
+  activations (what down reads: the pre-activations ``X Wᵀ`` span only a residual-width slice
+  of the wider neuron space, the activations all of it).
+- o and down write the residual stream: ``B_t = M B_s`` with ``M = c Q`` the scaled orthogonal
+  Procrustes map (``procrustes``: ``Q`` semi-orthogonal, ``c`` one scale) between the two
+  residual streams after the layer, each in the coordinates its writer writes. Where a family
+  normalises the output before adding it (Gemma 2/3's post-norms), an output change ``δy``
+  reaches the residual as ``g ⊙ δy / rms(y)``, so that side's coordinates are ``S⁻¹ h`` with
+  ``S = diag(g) / rms(y)`` (``rms(y)`` the median over probe positions of the module output's
+  RMS; ``g⁻¹`` regularised near zero); elsewhere they are ``h``. Why an isometry and not a
+  least-squares map: least squares fits each target dimension with its own row and amplifies
+  the source's weakly varying directions (``(H_sᵀ H_s + λ)⁻¹``), where a trained adapter writes.
+  Into Qwen2.5 it sent 91 % of the writers' update into one dimension out of 896, which hurt
+  (docs/results.md, eighth session). The isometry keeps the update's shape, its spread over the
+  dimensions it is written in, and its size up to ``c``, and like the regression it is exact on
+  twins (rotations, permutations, zero-padding). Why the write coordinates: Gemma 3's post-norm
+  gains span five orders of magnitude within a layer, and an isometry in the residual stream
+  spreads the update evenly there, which behind the norm means outputs ``δy`` dominated by the
+  dimensions of smallest gain; in the write coordinates it is spread as a trained adapter's is.
 
 ``λ = ALPHA · tr(G) / n`` for a Gram matrix ``G`` (n × n): a ridge relative to the mean variance,
 so nothing depends on the models' activation scales; the regressions are in the models' own
@@ -121,6 +133,21 @@ def map_output(y_s: torch.Tensor, y_t: torch.Tensor, ridge_s: Ridge, b: torch.Te
     return y_t.double().mT @ (y_s.double() @ ridge_s.solve(b))
 
 
+def procrustes(h_s: torch.Tensor, h_t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The residual-stream map ``M_res = c Q`` (m_t × m_s, float64) and its relative residual
+    ``‖H_t − c H_s Qᵀ‖ / ‖H_t‖``, for ``h_s`` (N, m_s) and ``h_t`` (N, m_t) at the same positions.
+
+    ``Q = U Vᵀ`` from ``H_tᵀ H_s = U Σ Vᵀ`` is semi-orthogonal (``Qᵀ Q = I`` when m_t ≥ m_s, where
+    it is the orthogonal Procrustes solution; ``Q Qᵀ = I`` otherwise, exact where what the target
+    drops is uncorrelated with what it keeps) and ``c = tr Σ / ‖H_s Qᵀ‖²`` the best scale."""
+    hs, ht = h_s.double(), h_t.double()
+    u, sv, vh = torch.linalg.svd(ht.mT @ hs, full_matrices=False)
+    q = u @ vh
+    fit = hs @ q.mT
+    c = float(sv.sum()) / max(float(fit.pow(2).sum()), 1e-30)
+    return c * q, _rel(c * fit, ht)
+
+
 def _rel(fit: torch.Tensor, want: torch.Tensor) -> float:
     return float((fit - want).norm() / want.norm().clamp_min(1e-30))
 
@@ -160,6 +187,7 @@ class Matched(Method):
         self.base_ll: tuple[torch.Tensor, torch.Tensor] | None = None
         self.device = device
         self._ridges: dict[tuple, Ridge] = {}
+        self._res_map: tuple[tuple, tuple[torch.Tensor, float]] | None = None
         return {"probe_texts": len(texts), "probe_positions": n,
                 "probe_tokens_source": sum(len(i) for i in batch_s.ids),
                 "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
@@ -171,7 +199,7 @@ class Matched(Method):
         from tqdm.auto import tqdm
 
         self.acts_s = self.acts_t = None  # the maps are done: free the activations
-        self._ridges = {}
+        self._ridges, self._res_map = {}, None
         if self.models is None:
             self.models = (load_model(self.paths[0], self.device, "source model"),
                            load_model(self.paths[1], self.device, "target model"))  # fmt: skip
@@ -258,21 +286,26 @@ class Matched(Method):
         return _output(a_t, b_t, lora, src, tgt, in_fit, _out_fit(y_s, y_t, ridge))
 
     def _residual_write(self, lora, ctx, a_t, in_fit, src: Probe, tgt: Probe) -> MethodOutput:
-        """o and down: ``B_t = S_t⁻¹ M_res S_s B_s`` (see the module docstring)."""
-        ls, lt = ctx.src.layer, ctx.tgt.layer
-        h_s = self._after(self.acts_s, ls, ctx.src_layout.num_layers)
-        h_t = self._after(self.acts_t, lt, ctx.tgt_layout.num_layers)
-        ridge = self._ridge(("res", ls, lt), h_s)
-        field = POST_NORM[ctx.src.role]
-        g_s = norm_gain(ctx.src_layout, field, ls)
-        g_t = norm_gain(ctx.tgt_layout, field, lt)
-        B = lora.B.to(self.device).double()
-        if g_s is not None:
-            B = B * (g_s.to(self.device)[:, None] / _median_rms(src.y))
-        b_t = map_output(h_s, h_t, ridge, B)
-        if g_t is not None:
-            b_t = b_t * (safe_inverse(g_t).to(self.device)[:, None] * _median_rms(tgt.y))
-        return _output(a_t, b_t, lora, src, tgt, in_fit, _out_fit(h_s, h_t, ridge))
+        """o and down: ``B_t = M B_s``, ``M`` the Procrustes map between the two sides' write
+        coordinates (see the module docstring)."""
+        ls, lt, role = ctx.src.layer, ctx.tgt.layer, ctx.src.role
+        key = (role, ls, lt)
+        if self._res_map is None or self._res_map[0] != key:
+            w_s = self._write_coords(self.acts_s, ctx.src_layout, role, ls, src)
+            w_t = self._write_coords(self.acts_t, ctx.tgt_layout, role, lt, tgt)
+            self._res_map = (key, procrustes(w_s, w_t))
+        m, out_fit = self._res_map[1]
+        b_t = m @ lora.B.to(self.device).double()
+        return _output(a_t, b_t, lora, src, tgt, in_fit, out_fit)
+
+    def _write_coords(self, acts, layout: Layout, role: str, layer: int, p: Probe) -> torch.Tensor:
+        """The residual stream after ``layer`` (N, d), in the coordinates the writer ``role``
+        writes: ``S⁻¹ h``, ``S = diag(g) / rms(y)``, behind a post-norm; ``h`` otherwise."""
+        h = self._after(acts, layer, layout.num_layers)
+        g = norm_gain(layout, POST_NORM[role], layer)
+        if g is None:
+            return h
+        return h.double() * (safe_inverse(g).to(self.device).double() * _median_rms(p.y))
 
     def _after(self, acts, layer: int, num_layers: int) -> torch.Tensor:
         """The residual stream after ``layer`` (entering the next one; the last layer: its own)."""
