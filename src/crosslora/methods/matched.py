@@ -186,8 +186,7 @@ class Matched(Method):
         self.batches = tuple(ProbeBatch(b.ids[keep], b.positions[keep]) for b in (batch_s, batch_t))
         self.base_ll: tuple[torch.Tensor, torch.Tensor] | None = None
         self.device = device
-        self._ridges: dict[tuple, Ridge] = {}
-        self._res_map: tuple[tuple, tuple[torch.Tensor, float]] | None = None
+        self._fits: dict[tuple, object] = {}
         return {"probe_texts": len(texts), "probe_positions": n,
                 "probe_tokens_source": sum(len(i) for i in batch_s.ids),
                 "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
@@ -199,7 +198,7 @@ class Matched(Method):
         from tqdm.auto import tqdm
 
         self.acts_s = self.acts_t = None  # the maps are done: free the activations
-        self._ridges, self._res_map = {}, None
+        self._fits = {}
         if self.models is None:
             self.models = (load_model(self.paths[0], self.device, "source model"),
                            load_model(self.paths[1], self.device, "target model"))  # fmt: skip
@@ -253,11 +252,15 @@ class Matched(Method):
         }
 
     def _ridge(self, key: tuple, x: torch.Tensor) -> Ridge:
-        if key not in self._ridges:
-            if len(self._ridges) > 16:  # layers come in order: keep only recent factors
-                self._ridges.pop(next(iter(self._ridges)))
-            self._ridges[key] = Ridge(x)
-        return self._ridges[key]
+        return self._fit(key, lambda: Ridge(x))
+
+    def _fit(self, key: tuple, make):
+        """A fit shared by the modules (and adapters) that use the same activations."""
+        if key not in self._fits:
+            if len(self._fits) > 16:  # layers come in order: keep only recent fits
+                self._fits.pop(next(iter(self._fits)))
+            self._fits[key] = make()
+        return self._fits[key]
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
         assert ctx.src and ctx.tgt
@@ -289,20 +292,21 @@ class Matched(Method):
         """o and down: ``B_t = M B_s``, ``M`` the Procrustes map between the two sides' write
         coordinates (see the module docstring)."""
         ls, lt, role = ctx.src.layer, ctx.tgt.layer, ctx.src.role
-        key = (role, ls, lt)
-        if self._res_map is None or self._res_map[0] != key:
-            w_s = self._write_coords(self.acts_s, ctx.src_layout, role, ls, src)
-            w_t = self._write_coords(self.acts_t, ctx.tgt_layout, role, lt, tgt)
-            self._res_map = (key, procrustes(w_s, w_t))
-        m, out_fit = self._res_map[1]
+        g_s = norm_gain(ctx.src_layout, POST_NORM[role], ls)
+        g_t = norm_gain(ctx.tgt_layout, POST_NORM[role], lt)
+        post_norm = g_s is not None or g_t is not None  # without, o and down share the map
+        m, out_fit = self._fit(("res", ls, lt, role if post_norm else None), lambda: procrustes(
+            self._write_coords(self.acts_s, ctx.src_layout, ls, g_s, src),
+            self._write_coords(self.acts_t, ctx.tgt_layout, lt, g_t, tgt),
+        ))  # fmt: skip
         b_t = m @ lora.B.to(self.device).double()
         return _output(a_t, b_t, lora, src, tgt, in_fit, out_fit)
 
-    def _write_coords(self, acts, layout: Layout, role: str, layer: int, p: Probe) -> torch.Tensor:
-        """The residual stream after ``layer`` (N, d), in the coordinates the writer ``role``
-        writes: ``S⁻¹ h``, ``S = diag(g) / rms(y)``, behind a post-norm; ``h`` otherwise."""
+    def _write_coords(self, acts, layout: Layout, layer: int, g, p: Probe) -> torch.Tensor:
+        """The residual stream after ``layer`` (N, d) in the coordinates its writer (output
+        ``p.y``) writes: ``S⁻¹ h``, ``S = diag(g) / rms(y)``, behind a post-norm of gain ``g``;
+        else ``h``."""
         h = self._after(acts, layer, layout.num_layers)
-        g = norm_gain(layout, POST_NORM[role], layer)
         if g is None:
             return h
         return h.double() * (safe_inverse(g).to(self.device).double() * _median_rms(p.y))
