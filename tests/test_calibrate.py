@@ -98,3 +98,27 @@ def test_agreement():
     assert cal.agreement(d, d) == {"corr": 1.0, "explained": 1.0}
     assert cal.agreement(d, 0 * d)["explained"] == 0.0
     assert cal.agreement(d, -d)["corr"] == -1.0
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.5, 0.9])
+def test_disattenuation_gives_the_geometric_mean_of_least_squares_and_major_axis_sizes(rho):
+    """On effects correlated at ``rho``, least squares times the factor is the geometric mean of
+    the least-squares slope and the reduced-major-axis one (the source's own strength)."""
+    gen = torch.Generator().manual_seed(0)
+    z, e = torch.randn(2, 5000, dtype=torch.float64, generator=gen)
+    d_t = 0.7 * (rho * z + (1 - rho**2) ** 0.5 * e)
+    d_s = 2.0 * z
+    a, b = d_s - d_s.mean(), d_t - d_t.mean()
+    corr = float(a @ b / (a.norm() * b.norm()))
+    assert abs(corr - rho) < 0.03
+    least_squares = float(a @ b / (b @ b))
+    major_axis = float(a.norm() / b.norm())
+    got = least_squares * cal.disattenuation(corr)
+    assert abs(got - (least_squares * major_axis) ** 0.5) < 1e-9 * major_axis
+    assert least_squares < got < major_axis
+
+
+def test_disattenuation_leaves_exact_and_unrelated_transfers_alone():
+    assert cal.disattenuation(1.0) == 1.0
+    assert cal.disattenuation(0.0) == 1.0
+    assert cal.disattenuation(-0.3) == 1.0

@@ -18,6 +18,20 @@ transfer is already exact (function-preserving twins) ``full = d_s`` and every s
 seven roles and thousands of chunks the fit has little to overfit; it uses no data, only text the
 models generated themselves.
 
+Least squares sizes the transfer too small wherever it tracks the source only in part, and on
+real pairs it does (correlation ρ ≈ 0.2–0.5): it is the regression of the source's effect on the
+transferred one, attenuated by the share of the transferred effect that is not the source's.
+Read as errors in variables, ``d_s = β z + e_s`` and ``d_t = z + e_t`` for the part ``z`` both
+share: least squares returns ``β λ_t``, with ``λ_t = var z / var d_t`` the transferred effect's
+reliability, and ``ρ² = λ_s λ_t``. Two measurements cannot separate ``λ_t`` from ``λ_s``. The
+ends are ``λ_t = 1`` (least squares: everything the transfer does is the source's effect) and
+``λ_t = ρ`` (equal reliabilities: the reduced-major-axis size, as strong on the target as the
+source adapter is on the source). The scales are multiplied by ``ρ^(-1/2)`` (``disattenuation``),
+the geometric midpoint, which is the geometric mean of the two ends' sizes. On the development
+task (bench/dev) the midpoint raised all six pairs (mean gap recovered 0.253 → 0.331); the
+reduced-major-axis end overshot where the target's own adapter is weak (docs/results.md). On an
+exact transfer ``ρ = 1`` and the factor is 1.
+
 After scaling, the target is run once more with the whole calibrated adapter: the correlation of
 its chunk effects with the source's, and the fraction of ``‖d_s‖²`` it explains, go to the
 report as the transfer's measured fidelity on the probe text.
@@ -125,6 +139,14 @@ def fit_scales(d_s: torch.Tensor, full: torch.Tensor, slopes: torch.Tensor) -> t
         x = slopes[live].double().mT
         scales[live] = nonnegative_lstsq(x, (d_s - full).double() + x.sum(dim=1))
     return scales
+
+
+def disattenuation(corr: float) -> float:
+    """The factor ``ρ^(-1/2)`` on every least-squares scale, ``ρ`` the correlation of the
+    calibrated transfer's chunk effects with the source's: the least-squares size times this is
+    the geometric mean of the least-squares and reduced-major-axis sizes (module docstring). 1 where
+    the transfer is exact (``ρ = 1``) or tracks nothing (``ρ ≤ 0``, nothing to correct)."""
+    return corr**-0.5 if 0.0 < corr < 1.0 else 1.0
 
 
 def agreement(d_s: torch.Tensor, d_t: torch.Tensor) -> dict[str, float]:

@@ -48,9 +48,12 @@ Magnitude, per role, by function (``calibrate``, after the last module): no per-
 know how much of a module's update survives the maps and the later layers. Both models give a
 log-likelihood to the same pieces of probe text, so the source adapter's effect on them can be
 compared with the transferred adapter's; each role's update (q, k, v, o, gate, up, down over all
-layers) is scaled by the non-negative least-squares fit of the one to the other
-(``anchor.calibrate``). The report gives the scales and the agreement before and after
-(``probe_effect``: correlation, and fraction of the source's effect explained).
+layers) is scaled by the non-negative least-squares fit of the one to the other, then all of them
+by ``ρ^(-1/2)`` for the least-squares fit's attenuation, ``ρ`` the fitted transfer's correlation
+with the source (``anchor.calibrate``: the geometric mean of the least-squares size and the
+source's own strength). The report gives the scales (``disattenuation``: the common factor) and
+the agreement before, after the least squares and at the end (``probe_effect``: correlation, and
+fraction of the source's effect explained).
 
 On function-preserving twins the activations are exact rotations / permutations / zero-paddings
 of each other, so the maps are exact up to the ridge. Per module the report gives ``in_fit``,
@@ -207,7 +210,7 @@ class Matched(Method):
         done = [r for r in results if r.skipped is None]
         roles = sorted({r.task.tgt.role for r in done}, key=ROLES.index)
         fresh = self.base_ll is None
-        bar = tqdm(total=2 * fresh + 3 + len(roles), desc="calibrate (matched)", unit="pass",
+        bar = tqdm(total=2 * fresh + 4 + len(roles), desc="calibrate (matched)", unit="pass",
                    disable=not log.isEnabledFor(logging.INFO))  # fmt: skip
 
         def ll(model, batch, pad, updates=()):
@@ -230,24 +233,28 @@ class Matched(Method):
                 for role in roles
             ])  # fmt: skip
             scales = cal.fit_scales(d_s, full, slopes)
-            for res, u, role in zip(done, updates, role_of):
-                c = float(scales[roles.index(role)])
-                f = res.factors  # read back once if parked
-                res.factors = LoraFactors(f.A, f.B * c, f.scale)
-                res.diagnostics["calibration"] = round(c, 4)
-                u.delta = u.delta * c
+            _rescale(done, updates, [float(scales[roles.index(ro)]) for ro in role_of])
+            least_squares = cal.agreement(d_s, ll(model_t, batch_t, pad_t, updates) - base_t)
+            size = cal.disattenuation(least_squares["corr"])
+            _rescale(done, updates, [size] * len(done))
             after = ll(model_t, batch_t, pad_t, updates) - base_t
+        scales = scales * size
+        for res, role in zip(done, role_of):
+            res.diagnostics["calibration"] = round(float(scales[roles.index(role)]), 4)
         eff = cal.agreement(d_s, after)
         log.info(
-            "calibrated by the effect on the probe text (scales %s); the transferred adapter "
-            "explains %.0f%% of the source adapter's effect there (correlation %.2f)",
-            ", ".join(f"{r} {float(c):.2f}" for r, c in zip(roles, scales)),
+            "calibrated by the effect on the probe text (scales %s, of which %.2f for the "
+            "least-squares attenuation); the transferred adapter explains %.0f%% of the source "
+            "adapter's effect there (correlation %.2f)",
+            ", ".join(f"{r} {float(c):.2f}" for r, c in zip(roles, scales)), size,
             100 * eff["explained"], eff["corr"],
         )  # fmt: skip
         return {
             "calibration": {role: round(float(c), 4) for role, c in zip(roles, scales)},
+            "disattenuation": round(size, 4),
             "probe_chunks": len(d_s),
             "probe_effect_before": cal.agreement(d_s, full),
+            "probe_effect_least_squares": least_squares,
             "probe_effect": eff,
         }
 
@@ -324,6 +331,14 @@ def probe_texts(model_s, tok_s, model_t, tok_t, n: int, seed: int, bars: bool = 
     return sample_texts(model_s, tok_s, half, TEXT_TOKENS, seed, desc=desc_s) + sample_texts(
         model_t, tok_t, n - half, TEXT_TOKENS, seed + 1, desc=desc_t
     )
+
+
+def _rescale(results, updates: list[cal.Update], factors: list[float]) -> None:
+    """Multiply each result's ``B`` and its dense update by its factor, in place."""
+    for res, u, c in zip(results, updates, factors):
+        f = res.factors  # read back once if parked
+        res.factors = LoraFactors(f.A, f.B * c, f.scale)
+        u.delta = u.delta * c
 
 
 def _source_updates(inputs, results) -> list[cal.Update]:
