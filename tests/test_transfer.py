@@ -207,6 +207,20 @@ def test_report_and_model_card(tiny_model, tiny_adapter, tmp_path):
     assert "not trained" in card and str(tiny_model("llama")) in card
 
 
+def test_model_card_says_how_the_calibrated_size_departs_from_least_squares():
+    from crosslora.report import _fidelity_line
+
+    diag = {"probe_effect": {"corr": 0.35, "explained": 0.06}, "disattenuation": 1.69,
+            "probe_effect_least_squares": {"corr": 0.35, "explained": 0.136}}  # fmt: skip
+    line = " ".join(_fidelity_line({"method_diagnostics": diag}).split())
+    assert "explains 6% of the source adapter's effect" in line and "(correlation 0.35)" in line
+    assert "sized 1.69× the least-squares fit to that effect (which explains 14%)" in line
+    diag = {"probe_effect": {"corr": 1.0, "explained": 1.0}, "disattenuation": 1.0}
+    line = " ".join(_fidelity_line({"method_diagnostics": diag}).split())
+    assert line.endswith("(correlation 1.00).") and "least-squares" not in line
+    assert _fidelity_line({"method_diagnostics": {}}) == ""
+
+
 # --- 4. safety ------------------------------------------------------------------------------
 
 

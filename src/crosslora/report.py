@@ -60,13 +60,23 @@ def build_report(
 
 def _fidelity_line(report: dict) -> str:
     """The measured agreement on the probe text, where the method measured it (``matched``)."""
-    eff = report.get("method_diagnostics", {}).get("probe_effect")
+    diag = report.get("method_diagnostics", {})
+    eff = diag.get("probe_effect")
     if not eff:
         return ""
-    return (
+    line = (
         f"- Measured on text the two base models generated themselves (no data): this adapter's\n"
         f"  effect on the target's log-likelihoods explains {eff['explained']:.0%} of the source\n"
-        f"  adapter's effect on the source's (correlation {eff['corr']:.2f}).\n"
+        f"  adapter's effect on the source's (correlation {eff['corr']:.2f})"
+    )
+    size = diag.get("disattenuation", 1.0)
+    if size == 1.0:
+        return line + ".\n"
+    ls = diag["probe_effect_least_squares"]["explained"]
+    return line + (
+        f". It is sized {size:.2f}× the\n  least-squares fit to that effect (which explains "
+        f"{ls:.0%}): at a correlation below 1, least\n  squares sizes a transfer too small "
+        f"(docs/methods.md, the least squares' attenuation).\n"
     )
 
 
