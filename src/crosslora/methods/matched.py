@@ -234,10 +234,14 @@ class Matched(Method):
             ])  # fmt: skip
             scales = cal.fit_scales(d_s, full, slopes)
             _rescale(done, updates, [float(scales[roles.index(ro)]) for ro in role_of])
-            least_squares = cal.agreement(d_s, ll(model_t, batch_t, pad_t, updates) - base_t)
-            size = cal.disattenuation(least_squares["corr"])
-            _rescale(done, updates, [size] * len(done))
             after = ll(model_t, batch_t, pad_t, updates) - base_t
+            least_squares = cal.agreement(d_s, after)
+            size = cal.disattenuation(least_squares["corr"])
+            if size != 1.0:  # else the least-squares effect is the final one
+                _rescale(done, updates, [size] * len(done))
+                after = ll(model_t, batch_t, pad_t, updates) - base_t
+            else:
+                bar.update()
         scales = scales * size
         for res, role in zip(done, role_of):
             res.diagnostics["calibration"] = round(float(scales[roles.index(role)]), 4)
