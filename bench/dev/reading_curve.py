@@ -1,0 +1,86 @@
+"""How the target's reading of the writers' input features improves with more probe text (not a
+test).
+
+Samples N probe texts (half from each model, as `matched` does, with another seed), keeps both
+models' o and down inputs at the aligned positions, and fits `matched`'s input regression (the
+target's reproduction of the adapter's input features `A_s x_s`, each source layer against its
+target layer under the `merge` map) on 1/8, 1/4, 1/2 and all of the texts that are not held out,
+and scores it on every fourth text. It prints the held-out relative residual of the features, and
+of their input-dependent part (both sides centred on the held-out mean), averaged over layers:
+
+    .venv/bin/python bench/dev/reading_curve.py smollm2-135m gemma3-270m \\
+        adapters/smollm2-135m-commonsense 256         # model names from `crosslora models pull`
+
+A residual of 1 is no better than predicting zero (or, centred, than predicting the mean).
+256 texts hold about 10 GB of activations for this pair.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import crosslora.methods.matched as mm
+from crosslora.anchor import probe
+from crosslora.anchor.vocab import load_tokenizer
+from crosslora.arch.layout import Layout
+from crosslora.io.checkpoint import Checkpoint
+from crosslora.io.peft_adapter import read_adapter
+from crosslora.layer_map import map_layers
+
+SPACES = {"attn_out": "o", "mlp_mid": "down"}
+
+
+def main(src_name: str, tgt_name: str, adapter_dir: str, n_texts: str) -> None:
+    torch.set_grad_enabled(False)
+    models = Path.home() / ".cache/crosslora/models"
+    src = Layout(Checkpoint(str(models / src_name), "source model"), "source model")
+    tgt = Layout(Checkpoint(str(models / tgt_name), "target model"), "target model")
+    adapter = read_adapter(Path(adapter_dir))
+    a_of = {(ref.layer, probe.INPUT_SPACE[ref.role]): adapter.factors(ref.slot.module).A.float()
+            for ref in src.roles()
+            if ref.role in SPACES.values() and ref.slot.module in adapter.modules}  # fmt: skip
+    every = probe._input_modules  # keep only the writers' inputs: the rest would not fit in memory
+    probe._input_modules = lambda lay: {m: k for m, k in every(lay).items() if k[1] in SPACES}
+    cpu = torch.device("cpu")
+    tok_s = load_tokenizer(src.checkpoint.path, "source model")
+    tok_t = load_tokenizer(tgt.checkpoint.path, "target model")
+    model_s = probe.load_model(src.checkpoint.path, cpu, "source model")
+    model_t = probe.load_model(tgt.checkpoint.path, cpu, "target model")
+    texts = mm.probe_texts(model_s, tok_s, model_t, tok_t, int(n_texts), mm.SEED + 7)
+    batch_s, batch_t = probe.align(texts, tok_s, tok_t)
+    pad_s = probe.special_id(tok_s, "pad", "eos", "bos") or 0
+    pad_t = probe.special_id(tok_t, "pad", "eos", "bos") or 0
+    acts_s = probe.collect(model_s, src, batch_s, pad_s)
+    acts_t = probe.collect(model_t, tgt, batch_t, pad_t)
+    del model_s, model_t
+    text_of = torch.tensor([j for j, p in enumerate(batch_s.positions) for _ in p])
+    held = text_of % 4 == 3
+    rest = [j for j in range(len(texts)) if j % 4 != 3]  # both models' texts, in order
+    pairs = map_layers("merge", src.num_layers, tgt.num_layers).pairs
+    print(f"{len(texts)} texts, {len(text_of)} aligned positions, {int(held.sum())} held out")
+    for space in SPACES:
+        for step in (8, 4, 2, 1):  # every step-th text of the rest: both models' texts
+            fit = torch.isin(text_of, torch.tensor(rest[::step]))
+            whole, centred = [], []
+            for (ls, sp), a in sorted(a_of.items()):
+                if sp != space:
+                    continue
+                feats = acts_s.inputs[(ls, space)].double() @ a.double().mT
+                x = acts_t.inputs[(pairs[ls], space)]
+                w = mm.Ridge(x[fit]).solve(x[fit].double().mT @ feats[fit])
+                err = x[held].double() @ w - feats[held]
+                want = feats[held]
+                whole.append(float(err.norm() / want.norm()))
+                centred.append(float((err - err.mean(0)).norm() / (want - want.mean(0)).norm()))
+            print(f"{space} ({SPACES[space]}), fitted on {int(fit.sum())} positions: held-out "
+                  f"relative residual {sum(whole) / len(whole):.3f}, input-dependent part "
+                  f"{sum(centred) / len(centred):.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
