@@ -24,12 +24,9 @@ import sys
 from pathlib import Path
 
 import torch
+from fresh_probe import fresh_probe, layouts
 
 import crosslora.methods.matched as mm
-from crosslora.anchor import probe
-from crosslora.anchor.vocab import load_tokenizer
-from crosslora.arch.layout import Layout
-from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.peft_adapter import read_adapter
 from crosslora.layer_map import map_layers
 
@@ -39,29 +36,13 @@ def cos(u: torch.Tensor, v: torch.Tensor) -> float:
 
 
 def main(src_name: str, tgt_name: str, adapter_dir: str, n_texts: str) -> None:
-    torch.set_grad_enabled(False)
-    models = Path.home() / ".cache/crosslora/models"
-    src = Layout(Checkpoint(str(models / src_name), "source model"), "source model")
-    tgt = Layout(Checkpoint(str(models / tgt_name), "target model"), "target model")
+    src, tgt = layouts(src_name, tgt_name)
     adapter = read_adapter(Path(adapter_dir))
     columns: dict[int, list[torch.Tensor]] = {}
     for ref in src.roles():
         if ref.role in ("o", "down") and ref.slot.module in adapter.modules:
             columns.setdefault(ref.layer, []).append(adapter.factors(ref.slot.module).B.double())
-    probe._input_modules = lambda layout: {}  # the residual streams only
-    cpu = torch.device("cpu")
-    tok_s = load_tokenizer(src.checkpoint.path, "source model")
-    tok_t = load_tokenizer(tgt.checkpoint.path, "target model")
-    model_s = probe.load_model(src.checkpoint.path, cpu, "source model")
-    model_t = probe.load_model(tgt.checkpoint.path, cpu, "target model")
-    texts = mm.probe_texts(model_s, tok_s, model_t, tok_t, int(n_texts), mm.SEED + 7)
-    batch_s, batch_t = probe.align(texts, tok_s, tok_t)
-    pad_s = probe.special_id(tok_s, "pad", "eos", "bos") or 0
-    pad_t = probe.special_id(tok_t, "pad", "eos", "bos") or 0
-    acts_s = probe.collect(model_s, src, batch_s, pad_s)
-    acts_t = probe.collect(model_t, tgt, batch_t, pad_t)
-    del model_s, model_t
-    text_of = torch.tensor([j for j, p in enumerate(batch_s.positions) for _ in p])
+    texts, text_of, acts_s, acts_t = fresh_probe(src, tgt, int(n_texts), ())  # streams only
     first, second, most = text_of % 4 == 0, text_of % 4 == 1, text_of % 4 != 1
     print(f"{len(texts)} texts, {len(text_of)} aligned positions; quarters of "
           f"{int(first.sum())} and {int(second.sum())}, the rest {int(most.sum())}")  # fmt: skip

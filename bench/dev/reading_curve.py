@@ -21,12 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
+from fresh_probe import fresh_probe, layouts
 
 import crosslora.methods.matched as mm
 from crosslora.anchor import probe
-from crosslora.anchor.vocab import load_tokenizer
-from crosslora.arch.layout import Layout
-from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.peft_adapter import read_adapter
 from crosslora.layer_map import map_layers
 
@@ -34,29 +32,13 @@ SPACES = {"attn_out": "o", "mlp_mid": "down"}
 
 
 def main(src_name: str, tgt_name: str, adapter_dir: str, n_texts: str) -> None:
-    torch.set_grad_enabled(False)
-    models = Path.home() / ".cache/crosslora/models"
-    src = Layout(Checkpoint(str(models / src_name), "source model"), "source model")
-    tgt = Layout(Checkpoint(str(models / tgt_name), "target model"), "target model")
+    src, tgt = layouts(src_name, tgt_name)
     adapter = read_adapter(Path(adapter_dir))
     a_of = {(ref.layer, probe.INPUT_SPACE[ref.role]): adapter.factors(ref.slot.module).A.float()
             for ref in src.roles()
             if ref.role in SPACES.values() and ref.slot.module in adapter.modules}  # fmt: skip
-    every = probe._input_modules  # keep only the writers' inputs: the rest would not fit in memory
-    probe._input_modules = lambda lay: {m: k for m, k in every(lay).items() if k[1] in SPACES}
-    cpu = torch.device("cpu")
-    tok_s = load_tokenizer(src.checkpoint.path, "source model")
-    tok_t = load_tokenizer(tgt.checkpoint.path, "target model")
-    model_s = probe.load_model(src.checkpoint.path, cpu, "source model")
-    model_t = probe.load_model(tgt.checkpoint.path, cpu, "target model")
-    texts = mm.probe_texts(model_s, tok_s, model_t, tok_t, int(n_texts), mm.SEED + 7)
-    batch_s, batch_t = probe.align(texts, tok_s, tok_t)
-    pad_s = probe.special_id(tok_s, "pad", "eos", "bos") or 0
-    pad_t = probe.special_id(tok_t, "pad", "eos", "bos") or 0
-    acts_s = probe.collect(model_s, src, batch_s, pad_s)
-    acts_t = probe.collect(model_t, tgt, batch_t, pad_t)
-    del model_s, model_t
-    text_of = torch.tensor([j for j, p in enumerate(batch_s.positions) for _ in p])
+    # the writers' inputs only: the rest would not fit in memory
+    texts, text_of, acts_s, acts_t = fresh_probe(src, tgt, int(n_texts), SPACES)
     held = text_of % 4 == 3
     rest = [j for j in range(len(texts)) if j % 4 != 3]  # both models' texts, in order
     pairs = map_layers("merge", src.num_layers, tgt.num_layers).pairs
