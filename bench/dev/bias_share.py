@@ -4,8 +4,8 @@ Each adapted module's update `B A x` is replaced by its mean `b = mean(B A x)` o
 sampled text (32 texts from `matched`'s sampler, seed `SEED + 11`; every position but the first,
 which holds the start token's outliers), added to the module's output as a fixed bias with the
 adapter switched off. Prints the development task's mean gold-answer NLL for each group of roles
-so replaced, and the share of the adapter's own gain that it keeps, `(base − biased) / (base −
-adapter)`:
+(module names `<role>_proj`, as in Llama, Qwen2 and Gemma 3) so replaced, and the share of the
+adapter's own gain that it keeps, `(base − biased) / (base − adapter)`:
 
     .venv/bin/python bench/dev/bias_share.py smollm2-135m adapters/smollm2-135m-commonsense \\
         q,k,v,o,gate,up,down o,down v gate,up
@@ -16,6 +16,7 @@ The adapter may be a transferred one, on its target model. One model in float32 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -26,7 +27,7 @@ from crosslora.anchor.vocab import load_tokenizer
 from crosslora.eval import evaluate
 from crosslora.zoo.models import model_path
 
-DEV = "bench/dev/arc_dev.json"
+DEV = str(Path(__file__).with_name("arc_dev.json"))
 MAX_TOKENS = 128
 
 
@@ -80,9 +81,11 @@ def main(name: str, adapter: str, *groups: str) -> None:
             chosen = {n: m for n, m in lora_modules(model).items() if n.split(".")[-1] in roles}
             hooks = [m.register_forward_hook(lambda _m, _a, out, b=means[n]: out + b)
                      for n, m in chosen.items()]  # fmt: skip
-            biased = dev_nll(model, tokenizer)
-            for h in hooks:
-                h.remove()
+            try:
+                biased = dev_nll(model, tokenizer)
+            finally:
+                for h in hooks:
+                    h.remove()
             share = (base - biased) / (base - with_adapter)
             print(f"{group}: constant {biased:.3f}, share of the adapter's gain {share:.3f}")
 
