@@ -36,7 +36,8 @@ def lora_modules(model: PeftModel) -> dict[str, torch.nn.Module]:
 
 
 def mean_updates(model: PeftModel, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Per adapted module, the mean of its update `B A x · scaling` (out,) over ``texts``."""
+    """Per adapted module (named as in ``lora_modules``), the mean of its update
+    `B A x · scaling` (out,) over ``texts``."""
     modules = lora_modules(model)
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -71,16 +72,15 @@ def main(name: str, adapter: str, *groups: str) -> None:
     model = load_model(path, torch.device("cpu"), "model")
     texts = mm.probe_texts(model, tokenizer, model, tokenizer, 32, mm.SEED + 11)
     model = PeftModel.from_pretrained(model, adapter)
-    means = mean_updates(model, tokenizer, texts)
+    modules, means = lora_modules(model), mean_updates(model, tokenizer, texts)
     with_adapter = dev_nll(model, tokenizer)
     with model.disable_adapter():
         base = dev_nll(model, tokenizer)
         print(f"base {base:.3f}  adapter {with_adapter:.3f}  ({len(means)} modules)")
         for group in groups:
             roles = {r + "_proj" for r in group.split(",")}
-            chosen = {n: m for n, m in lora_modules(model).items() if n.split(".")[-1] in roles}
             hooks = [m.register_forward_hook(lambda _m, _a, out, b=means[n]: out + b)
-                     for n, m in chosen.items()]  # fmt: skip
+                     for n, m in modules.items() if n.split(".")[-1] in roles]  # fmt: skip
             try:
                 biased = dev_nll(model, tokenizer)
             finally:

@@ -7,7 +7,6 @@ residual streams are always kept)."""
 from __future__ import annotations
 
 from collections.abc import Collection
-from pathlib import Path
 
 import torch
 
@@ -16,13 +15,16 @@ from crosslora.anchor import probe
 from crosslora.anchor.vocab import load_tokenizer
 from crosslora.arch.layout import Layout
 from crosslora.io.checkpoint import Checkpoint
-
-MODELS = Path.home() / ".cache/crosslora/models"  # where `crosslora models pull` puts them
+from crosslora.zoo.models import model_path
 
 
 def layouts(src_name: str, tgt_name: str) -> tuple[Layout, Layout]:
-    return (Layout(Checkpoint(str(MODELS / src_name), "source model"), "source model"),
-            Layout(Checkpoint(str(MODELS / tgt_name), "target model"), "target model"))  # fmt: skip
+    """The two pulled models' layouts (names as in `crosslora models pull`)."""
+
+    def layout(name: str, what: str) -> Layout:
+        return Layout(Checkpoint(str(model_path(name, must_exist=True)), what), what)
+
+    return layout(src_name, "source model"), layout(tgt_name, "target model")
 
 
 def fresh_probe(src: Layout, tgt: Layout, n_texts: int, spaces: Collection[str]):
