@@ -10,14 +10,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from crosslora.arch.layout import ROLES, Layout, RoleRef
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.peft_adapter import Adapter, read_adapter
 from crosslora.layer_map import LayerMap, map_layers
+from crosslora.memory import MemoryNeed
 from crosslora.methods import get_method
 
 log = logging.getLogger("crosslora")
+
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -74,6 +79,7 @@ class TransferPlan:
     tasks: list[ModuleTask]
     skipped: list[Skip] = field(default_factory=list)
     diagnostics: dict = field(default_factory=dict)  # the method's, for the whole transfer
+    memory: MemoryNeed | None = None  # the method's peak beyond streaming the weights
 
     def describe(self) -> str:
         """A human-readable plan: the layer map, every task with shapes, every skip."""
@@ -104,6 +110,8 @@ class TransferPlan:
         then = get_method(self.method).then
         if then:
             lines.append(f"then: {then}")
+        if self.memory:
+            lines.append(f"memory: {self.memory.describe()}")
         return "\n".join(lines)
 
 
@@ -122,9 +130,14 @@ def _ranges(xs: list[int]) -> str:
 
 
 def plan_transfer(
-    inputs: Inputs, method: str, layer_map: str | None = None, truncation_rank: int | None = 320
+    inputs: Inputs,
+    method: str,
+    layer_map: str | None = None,
+    truncation_rank: int | None = 320,
+    device: torch.device = CPU,
 ) -> TransferPlan:
-    """Pair every adapted source role with its target role; check shapes; collect skips."""
+    """Pair every adapted source role with its target role; check shapes; collect skips; say
+    how much memory the method needs on ``device``."""
     meth = get_method(method)
     layer_map = layer_map or meth.default_layer_map
     if truncation_rank is not None and truncation_rank <= 0:
@@ -185,4 +198,5 @@ def plan_transfer(
         first = f" (first: {skipped[0].what}: {skipped[0].reason})" if skipped else ""
         raise CrossLoraError(f"nothing to transfer with method {method}{first}")
     tasks.sort(key=lambda t: (t.src.layer, ROLES.index(t.src.role)))
-    return TransferPlan(method, lmap, truncation_rank, tasks, skipped)
+    memory = meth.memory(src, tgt, device)
+    return TransferPlan(method, lmap, truncation_rank, tasks, skipped, memory=memory)

@@ -25,6 +25,7 @@ from crosslora.io.output import check_output_path, output_filesystem, staged_fol
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
 from crosslora.linalg import SVD_MODES
+from crosslora.memory import check_fits
 from crosslora.methods import DEFAULT_METHOD
 from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve, resolve_batch
 from crosslora.report import build_report, model_card
@@ -97,7 +98,7 @@ def transfer(
     check_output_path(out, overwrite)
     device = check_options(options)
     inputs = resolve(adapter, source_model, target_model, options.allow_pickle)
-    plan = plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank)
+    plan = plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank, device)
     return run_plans([inputs], [plan], options, device, [out], overwrite, progress)[0]
 
 
@@ -133,7 +134,7 @@ def transfer_batch(
     device = check_options(options)
     batch = resolve_batch(adapters, source_model, target_model, options.allow_pickle)
     plans = [
-        plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank)
+        plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank, device)
         for inputs in batch
     ]
     return run_plans(batch, plans, options, device, outs, overwrite, progress)
@@ -155,6 +156,8 @@ def run_plans(
     progress: bool,
 ) -> list[dict]:
     start = time.perf_counter()
+    if plans[0].memory:  # the plans share one pair of models, and the method's preparation
+        check_fits(plans[0].memory, device, plans[0].method)
     return_large_frees()  # peak memory flat in the number of layers (glibc heap fragmentation)
     cache = basis_cache(options)
     bases = BasisSettings(options.svd, cache, options.cache_min_elements)

@@ -155,6 +155,13 @@ def _input_modules(layout: Layout) -> dict[str, tuple[int, str]]:
     return {module: key for key, module in seen.items()}
 
 
+def activation_bytes(layout: Layout, positions: int) -> int:
+    """What ``collect`` keeps for ``positions`` aligned positions: per layer, one float32 row per
+    position for each input space (``_input_modules``) and for the residual stream."""
+    widths = {(ref.layer, INPUT_SPACE[ref.role]): ref.shape[1] for ref in layout.roles()}
+    return 4 * positions * (sum(widths.values()) + layout.num_layers * layout.dims.hidden)
+
+
 @torch.no_grad()
 def collect(model, layout: Layout, batch: ProbeBatch, pad_id: int, chunk: int = 8) -> Activations:
     """Run ``model`` over ``batch`` and keep the activations at its aligned positions."""

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         batch = [resolve(adapters[0], args.source_model, args.target_model, options.allow_pickle)]
     plans = [
-        plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank)
+        plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank, device)
         for inputs in batch
     ]
     if args.dry_run:

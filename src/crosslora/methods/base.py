@@ -19,6 +19,7 @@ from crosslora.lora import LoraFactors
 if TYPE_CHECKING:
     from crosslora.arch.layout import Layout, RoleRef
     from crosslora.execute import ModuleResult
+    from crosslora.memory import MemoryNeed
     from crosslora.plan import Inputs
 
 
@@ -101,6 +102,11 @@ class Method:
         Returns diagnostics for the transfer report. Default: nothing to do.
         """
         return {}
+
+    def memory(self, src: Layout, tgt: Layout, device: torch.device) -> MemoryNeed | None:
+        """The peak memory this method needs for these two models beyond what streaming the
+        weights takes, or None when that is all (the default)."""
+        return None
 
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:
         """Why this method cannot handle these (out, in) shapes, or None. Called when planning."""
