@@ -50,23 +50,30 @@ def test_fit_scales_is_one_where_the_transfer_is_exact_and_recovers_known_scales
     assert cal.fit_scales(d_s, full, slopes)[2] == 1.0
 
 
-def test_applied_patches_rows_and_transposed_weights_and_restores_them_exactly():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
-    before = [p.detach().clone() for p in model.parameters()]
+def test_applied_adds_factored_updates_to_rows_of_outputs_and_leaves_the_model_as_it_was():
+    """The same as patching the weights with ``scale · B A`` (rows of a fused output included,
+    and a GPT-2 Conv1D, whose weight is stored (in, out)), without forming ``B A``."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(3, 6)  # nf=3 outputs from nx=6 inputs
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), conv)
+    x = torch.randn(5, 4)
+    before = model(x)
     rows = torch.tensor([1, 4])
-    d0 = torch.randn(2, 4)
-    d1 = torch.randn(6, 3)  # stored (in, out) like a GPT-2 Conv1D: patched transposed
-    ups = [cal.Update("0", rows, d0), cal.Update("1", None, d1, transposed=True)]
+    a0, b0, a1, b1 = torch.randn(2, 4), torch.randn(2, 2), torch.randn(2, 6), torch.randn(3, 2)
+    ups = [cal.Update("0", rows, a0, b0, 0.5), cal.Update("1", None, a1, b1, 1.5)]
     with cal.applied(model, ups, scale=2.0):
-        assert torch.allclose(model[0].weight[rows], before[0][rows] + 2 * d0)
-        assert torch.equal(model[0].weight[[0, 2, 3, 5]], before[0][[0, 2, 3, 5]])
-        assert torch.allclose(model[1].weight, before[2] + 2 * d1.mT)
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q)
-    with pytest.raises(RuntimeError), cal.applied(model, ups):  # restored on errors too
+        got = model(x)
+    w0 = model[0].weight.detach().clone()
+    w0[rows] += 2 * 0.5 * b0 @ a0
+    w1 = conv.weight.detach() + (2 * 1.5 * b1 @ a1).mT
+    want = (x @ w0.mT + model[0].bias) @ w1 + conv.bias
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(model(x), before)
+    with pytest.raises(RuntimeError), cal.applied(model, ups):  # removed on errors too
         raise RuntimeError("boom")
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q)
+    assert torch.equal(model(x), before)
 
 
 class Bigram(torch.nn.Module):

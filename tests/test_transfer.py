@@ -241,7 +241,7 @@ def test_dry_run_writes_nothing_and_prints_the_plan(tiny_model, tiny_adapter, tm
     assert "the target has no" not in plan
     then, need = plan.rstrip().splitlines()[-2:]  # the default method's last step, its memory
     assert then == "then: calibrate each role's update by its effect on the probe text's likelihood"
-    assert need.startswith("memory: about ") and need.endswith(" probe positions, 0.0 GB)"), need
+    assert need.startswith("memory: about ") and need.endswith(" wait on disk)"), need
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(

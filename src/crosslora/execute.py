@@ -154,7 +154,7 @@ def execute_batch(
     bases = bases or BasisSettings()
     method = get_method(plans[0].method)
     first = batch[0]
-    diagnostics = method.prepare(first.src, first.tgt, device)
+    diagnostics = method.prepare(first.src, first.tgt, device, spool)
     for plan in plans:
         plan.diagnostics.update(diagnostics)
     groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}

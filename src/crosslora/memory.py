@@ -9,6 +9,7 @@ size (README, "Performance"); a method that loads whole models says how much thr
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +24,19 @@ MEMINFO = Path("/proc/meminfo")
 @dataclass(frozen=True)
 class MemoryNeed:
     """Peak bytes a transfer needs: ``host`` in RAM, ``device`` on the accelerator (0 when it
-    runs on the CPU, where everything is in ``host``); ``what`` says what they are made of."""
+    runs on the CPU, where everything is in ``host``), ``disk`` beside the output (the transfer's
+    spool); ``what`` says what they are made of."""
 
     host: int
     device: int
     what: str
+    disk: int = 0
 
     def describe(self) -> str:
-        where = f"{gb(self.host)} of RAM" + (
-            f" and {gb(self.device)} on the device" * bool(self.device)
+        where = (
+            f"{gb(self.host)} of RAM"
+            + f", {gb(self.device)} on the device" * bool(self.device)
+            + f" and {gb(self.disk)} of disk beside the output" * bool(self.disk)
         )
         return f"about {where} ({self.what})"
 
@@ -62,8 +67,14 @@ def available(device: torch.device) -> tuple[int | None, int | None]:
     return host, dev
 
 
-def check_fits(need: MemoryNeed, device: torch.device, method: str) -> None:
-    """Raise a one-line error if ``need`` exceeds what is available now."""
+def check_fits(need: MemoryNeed, device: torch.device, method: str, folder: Path) -> None:
+    """Raise a one-line error if ``need`` exceeds what is available now (disk: in ``folder``)."""
+    free = shutil.disk_usage(folder).free
+    if need.disk > free:
+        raise CrossLoraError(
+            f"the {method} method needs about {gb(need.disk)} of disk in {folder} for these two "
+            f"models ({need.what}), and it has {gb(free)} free"
+        )
     host, dev = available(device)
     if host is not None and need.host > host:
         raise CrossLoraError(

@@ -157,7 +157,7 @@ def run_plans(
 ) -> list[dict]:
     start = time.perf_counter()
     if plans[0].memory:  # the plans share one pair of models, and the method's preparation
-        check_fits(plans[0].memory, device, plans[0].method)
+        check_fits(plans[0].memory, device, plans[0].method, output_filesystem(outs[0]))
     return_large_frees()  # peak memory flat in the number of layers (glibc heap fragmentation)
     cache = basis_cache(options)
     bases = BasisSettings(options.svd, cache, options.cache_min_elements)

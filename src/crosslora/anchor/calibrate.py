@@ -51,36 +51,47 @@ from crosslora.anchor.probe import ProbeBatch, right_padded
 
 @dataclass
 class Update:
-    """A dense update ``delta`` (out_rows, in) for the weight of ``module`` at ``rows`` (None: all
-    rows); ``transposed`` for GPT-2-style Conv1D weights stored (in, out)."""
+    """A factored update of ``module``'s output features ``rows`` (None: all of them): the
+    module's output gains ``scale · B A x`` for its input ``x``; ``A`` (r, in), ``B`` (out_rows, r).
+    Acting on the output, it is the same for a Linear and a GPT-2-style Conv1D."""
 
     module: str
     rows: torch.Tensor | None
-    delta: torch.Tensor
-    transposed: bool = False
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
 
 
 @contextmanager
 def applied(model, updates: Sequence[Update], scale: float = 1.0) -> Iterator[None]:
-    """``model`` with ``scale · delta`` added to its weights; the weights restored exactly after."""
-    saved = []
+    """``model`` with every update (times ``scale``) added to its module's output by a forward
+    hook, kept factored as a LoRA layer computes it; the model is as before once it is left."""
+
+    def hook_for(u: Update):
+        a, b, rows = None, None, None
+
+        def hook(_module, args, out):
+            nonlocal a, b, rows
+            if a is None:
+                a, b = u.A.to(out.device, out.dtype), u.B.to(out.device, out.dtype)
+                rows = None if u.rows is None else u.rows.to(out.device)
+            delta = (scale * u.scale) * ((args[0].to(out.dtype) @ a.mT) @ b.mT)
+            if rows is None:
+                return out + delta
+            out = out.clone()
+            out[..., rows] += delta
+            return out
+
+        return hook
+
+    handles = []
     try:
-        with torch.no_grad():
-            for u in updates:
-                weight = model.get_submodule(u.module).weight
-                if not any(w is weight for w, _ in saved):
-                    saved.append((weight, weight.detach().clone()))
-                view = weight.data.mT if u.transposed else weight.data
-                d = (scale * u.delta).to(view.device, view.dtype)
-                if u.rows is None:
-                    view.add_(d)
-                else:
-                    view[u.rows.to(view.device)] += d
+        for u in updates:
+            handles.append(model.get_submodule(u.module).register_forward_hook(hook_for(u)))
         yield
     finally:
-        with torch.no_grad():
-            for weight, orig in saved:
-                weight.data.copy_(orig)
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ number of aligned positions, the same rows in the same order for both models.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from crosslora.arch.layout import Layout
 from crosslora.errors import CrossLoraError
+from crosslora.io.spool import Parked, Spool
 
 log = logging.getLogger("crosslora")
 
@@ -39,12 +41,47 @@ TOP_P = 0.95
 TOP_K = 1024  # nucleus sampling within the 1024 likeliest tokens (no full-vocabulary sort)
 
 
+class Spilled(Mapping):
+    """Activations parked in a ``Spool`` as they are computed; each key's rows (N, n) are read
+    back into a fresh tensor when asked for, so only what a module uses is in memory."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._parts: dict[object, list[Parked]] = {}
+        self._last: tuple[object, torch.Tensor] | None = None  # q, k and v read the same rows
+
+    def add(self, key: object, rows: torch.Tensor) -> None:
+        self._parts.setdefault(key, []).append(self.spool.put(rows))
+
+    def __getitem__(self, key: object) -> torch.Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        self._last = None
+        parts = self._parts[key]
+        out = torch.empty(
+            (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype
+        )
+        start = 0
+        for part in parts:
+            self.spool.get(part, out[start : start + part.shape[0]])
+            start += part.shape[0]
+        self._last = (key, out)
+        return out
+
+    def __iter__(self) -> Iterator:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+
 @dataclass
 class Activations:
-    """One model's activations at the aligned positions (see the module docstring)."""
+    """One model's activations at the aligned positions (see the module docstring): in memory,
+    or ``Spilled`` to disk."""
 
-    inputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    residual: dict[int, torch.Tensor] = field(default_factory=dict)
+    inputs: Mapping[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    residual: Mapping[int, torch.Tensor] = field(default_factory=dict)
 
 
 def load_model(path: Path, device: torch.device, what: str):
@@ -155,18 +192,29 @@ def _input_modules(layout: Layout) -> dict[str, tuple[int, str]]:
     return {module: key for key, module in seen.items()}
 
 
-def activation_bytes(layout: Layout, positions: int) -> int:
-    """What ``collect`` keeps for ``positions`` aligned positions: per layer, one float32 row per
+def activation_bytes(layout: Layout, positions: int) -> list[int]:
+    """What ``collect`` keeps for ``positions`` aligned positions, per layer: one float32 row per
     position for each input space (``_input_modules``) and for the residual stream."""
     widths = {(ref.layer, INPUT_SPACE[ref.role]): ref.shape[1] for ref in layout.roles()}
-    return 4 * positions * (sum(widths.values()) + layout.num_layers * layout.dims.hidden)
+    per_layer = [layout.dims.hidden] * layout.num_layers
+    for (layer, _), n in widths.items():
+        per_layer[layer] += n
+    return [4 * positions * n for n in per_layer]
 
 
 @torch.no_grad()
-def collect(model, layout: Layout, batch: ProbeBatch, pad_id: int, chunk: int = 8) -> Activations:
-    """Run ``model`` over ``batch`` and keep the activations at its aligned positions."""
+def collect(
+    model,
+    layout: Layout,
+    batch: ProbeBatch,
+    pad_id: int,
+    chunk: int = 8,
+    spool: Spool | None = None,
+) -> Activations:
+    """Run ``model`` over ``batch`` and keep the activations at its aligned positions: parked in
+    ``spool`` as they come when one is given (``Spilled``), else in memory."""
     device = next(model.parameters()).device
-    acts = Activations()
+    acts = Activations(Spilled(spool), Spilled(spool)) if spool is not None else Activations()
     parts: dict = {}
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chunk: (sequence index, position)
 
@@ -174,7 +222,13 @@ def collect(model, layout: Layout, batch: ProbeBatch, pad_id: int, chunk: int = 
         def hook(_module, args, kwargs=None):
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
             b, p = rows[-1]
-            parts.setdefault(key, []).append(x[b, p].float().cpu())
+            part = x[b, p].float().cpu()
+            if spool is None:
+                parts.setdefault(key, []).append(part)
+            elif key[0] == "residual":
+                acts.residual.add(key[1], part)
+            else:
+                acts.inputs.add(key, part)
 
         return hook
 

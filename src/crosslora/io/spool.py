@@ -74,9 +74,10 @@ class Spool:
         self._end += len(raw)
         return parked
 
-    def get(self, parked: Parked) -> torch.Tensor:
-        """A fresh CPU tensor with the parked contents."""
-        out = torch.empty(parked.shape, dtype=parked.dtype)
+    def get(self, parked: Parked, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The parked contents, in ``out`` (a contiguous CPU tensor of its size and dtype) or in
+        a fresh tensor."""
+        out = torch.empty(parked.shape, dtype=parked.dtype) if out is None else out
         read_into(self._file.fileno(), out, parked.offset)
         return out
 

@@ -41,6 +41,7 @@ from crosslora.anchor.spaces import (
 )
 from crosslora.anchor.vocab import load_tokenizer, shared_vocab
 from crosslora.arch.layout import ROLE_SPACES, Layout
+from crosslora.io.spool import Spool
 from crosslora.lora import LoraFactors
 from crosslora.methods.base import Method, MethodOutput, ModuleContext, Unsupported, register
 
@@ -66,7 +67,9 @@ class Anchored(Method):
     needs_weights = True
     default_layer_map = "depth"
 
-    def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
+    def prepare(
+        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
+    ) -> dict:
         vocab = shared_vocab(
             load_tokenizer(src.checkpoint.path, "source model"),
             load_tokenizer(tgt.checkpoint.path, "target model"),

@@ -19,6 +19,7 @@ from crosslora.lora import LoraFactors
 if TYPE_CHECKING:
     from crosslora.arch.layout import Layout, RoleRef
     from crosslora.execute import ModuleResult
+    from crosslora.io.spool import Spool
     from crosslora.memory import MemoryNeed
     from crosslora.plan import Inputs
 
@@ -96,8 +97,11 @@ class Method:
     truncates: ClassVar[bool] = False  # whether --truncation-rank applies
     then: ClassVar[str | None] = None  # what ``calibrate`` does after the modules, for the plan
 
-    def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
-        """Work shared by all modules (e.g. residual-stream maps), before the first one.
+    def prepare(
+        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
+    ) -> dict:
+        """Work shared by all modules (e.g. residual-stream maps), before the first one; large
+        intermediates may be parked in ``spool`` (on the output's disk, gone when it closes).
 
         Returns diagnostics for the transfer report. Default: nothing to do.
         """

@@ -88,6 +88,7 @@ from crosslora.anchor.spaces import norm_gain, safe_inverse
 from crosslora.anchor.vocab import load_tokenizer
 from crosslora.arch.layout import ROLES, Layout
 from crosslora.errors import CrossLoraError
+from crosslora.io.spool import Spool
 from crosslora.lora import LoraFactors
 from crosslora.memory import MemoryNeed, gb, parameter_bytes
 from crosslora.methods.base import Method, MethodOutput, ModuleContext, Unsupported, register
@@ -167,21 +168,32 @@ class Matched(Method):
     then = "calibrate each role's update by its effect on the probe text's likelihood"
 
     def memory(self, src: Layout, tgt: Layout, device: torch.device) -> MemoryNeed:
-        """Both models in float32 and their activations at the probe's positions (at most about
-        ``N_TEXTS × TEXT_TOKENS``) are held together (``prepare``): the peak is while the target
-        is read, with the source's activations kept (on the CPU, the source model was still
-        loaded while its own were read). On a GPU the models live there and the activations in
-        RAM. On five real pairs the estimate was 11–14 % above the measured peak RSS."""
+        """Both models in float32 while the probe text is sampled and read and while the
+        calibration scores it (with the logits of 4 texts of up to twice ``TEXT_TOKENS`` tokens,
+        and a copy); the activations at its positions (at most about ``N_TEXTS × TEXT_TOKENS``)
+        parked on disk beside the output (``prepare``), of which one module's are read back at a
+        time, with their float64 copies and one layer's fits. On a GPU the models, the logits
+        and the fits live there. SmolLM2 → Qwen2.5: 5.1 GB estimated, 4.85 GB peak RSS."""
         m_s, m_t = parameter_bytes(src.checkpoint), parameter_bytes(tgt.checkpoint)
         positions = N_TEXTS * TEXT_TOKENS
         a_s, a_t = activation_bytes(src, positions), activation_bytes(tgt, positions)
-        what = (f"both models in float32, {gb(m_s + m_t)}, and their activations at "
-                f"{positions} probe positions, {gb(a_s + a_t)}")  # fmt: skip
+        fits = _fit_bytes(src, tgt)
+        logits = 2 * 4 * (4 * 2 * TEXT_TOKENS) * max(src.dims.vocab, tgt.dims.vocab)
+        module = 3 * (max(a_s) + max(a_t))  # a layer's rows, float32 and float64, on each side
+        what = (f"both models in float32, {gb(m_s + m_t)}, with logits, {gb(logits)}, or one "
+                f"layer's activations and fits, "
+                f"{gb(module + fits)}; the activations at {positions} probe positions, "
+                f"{gb(sum(a_s) + sum(a_t))}, wait on disk")  # fmt: skip
+        disk = sum(a_s) + sum(a_t)
         if device.type == "cpu":
-            return MemoryNeed(max(m_s + m_t + a_s, m_t + a_s + a_t) + RUNTIME_BYTES, 0, what)
-        return MemoryNeed(max(m_s, m_t, a_s + a_t) + RUNTIME_BYTES, m_s + m_t, what)
+            peak = max(m_s + m_t + logits, module + fits)
+            return MemoryNeed(peak + RUNTIME_BYTES, 0, what, disk)
+        device_peak = max(m_s + m_t + logits, fits)
+        return MemoryNeed(max(m_s, m_t, module) + RUNTIME_BYTES, device_peak, what, disk)
 
-    def prepare(self, src: Layout, tgt: Layout, device: torch.device) -> dict:
+    def prepare(
+        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
+    ) -> dict:
         tok_s = load_tokenizer(src.checkpoint.path, "source model")
         tok_t = load_tokenizer(tgt.checkpoint.path, "target model")
         model_s = load_model(src.checkpoint.path, device, "source model")
@@ -197,9 +209,9 @@ class Matched(Method):
             )
         self.pads = (special_id(tok_s, "pad", "eos", "bos") or 0,
                      special_id(tok_t, "pad", "eos", "bos") or 0)  # fmt: skip
-        self.acts_s = collect(model_s, src, batch_s, self.pads[0])
+        self.acts_s = collect(model_s, src, batch_s, self.pads[0], spool=spool)
         del model_s
-        self.acts_t = collect(model_t, tgt, batch_t, self.pads[1])
+        self.acts_t = collect(model_t, tgt, batch_t, self.pads[1], spool=spool)
         del model_t
         self.paths = (src.checkpoint.path, tgt.checkpoint.path)
         self.models = None  # reloaded for the calibration, once the activations are freed
@@ -207,7 +219,7 @@ class Matched(Method):
         self.batches = tuple(ProbeBatch(b.ids[keep], b.positions[keep]) for b in (batch_s, batch_t))
         self.base_ll: tuple[torch.Tensor, torch.Tensor] | None = None
         self.device = device
-        self._fits: dict[tuple, object] = {}
+        self._fits: dict[tuple, tuple[int | None, int, object]] = {}
         return {"probe_texts": len(texts), "probe_positions": n,
                 "probe_tokens_source": sum(len(i) for i in batch_s.ids),
                 "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
@@ -280,16 +292,20 @@ class Matched(Method):
             "probe_effect": eff,
         }
 
-    def _ridge(self, key: tuple, x: torch.Tensor) -> Ridge:
-        return self._fit(key, lambda: Ridge(x))
+    def _ridge(self, key: tuple, x: torch.Tensor, ls: int | None, lt: int) -> Ridge:
+        return self._fit(key, lambda: Ridge(x), ls, lt)
 
-    def _fit(self, key: tuple, make):
-        """A fit shared by the modules (and adapters) that use the same activations."""
+    def _fit(self, key: tuple, make, ls: int | None, lt: int):
+        """A fit shared by the modules (and adapters) that use the same activations: of target
+        layer ``lt``, and of source layer ``ls`` unless None. Modules come in layer order, so a
+        fit of another layer is not needed again: it is dropped, and one layer's fits at most
+        are held (``memory``)."""
+        for k in [k for k, (l_s, l_t, _) in self._fits.items()
+                  if l_t != lt or (l_s is not None and l_s != ls)]:  # fmt: skip
+            del self._fits[k]
         if key not in self._fits:
-            if len(self._fits) > 16:  # layers come in order: keep only recent fits
-                self._fits.pop(next(iter(self._fits)))
-            self._fits[key] = make()
-        return self._fits[key]
+            self._fits[key] = (ls, lt, make())
+        return self._fits[key][2]
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
         assert ctx.src and ctx.tgt
@@ -302,7 +318,8 @@ class Matched(Method):
         src = Probe(x_s, x_s @ ctx.src_weight().to(self.device).mT)
         tgt = Probe(x_t, x_t @ ctx.tgt_weight().to(self.device).mT)
         feats = x_s.double() @ A.double().mT  # (N, r): what the adapter reads on the source
-        a_t = self._ridge(("in", lt, space), x_t).solve(x_t.double().mT @ feats).mT  # (r, n_t)
+        ridge_t = self._ridge(("in", lt, space), x_t, None, lt)
+        a_t = ridge_t.solve(x_t.double().mT @ feats).mT  # (r, n_t)
         in_fit = _rel(x_t.double() @ a_t.mT, feats)
         if role in ("o", "down"):
             return self._residual_write(lora, ctx, a_t, in_fit, src, tgt)
@@ -313,7 +330,7 @@ class Matched(Method):
         else:
             y_s, y_t = src.y, tgt.y
             key = ("out", ls, lt, role)
-        ridge = self._ridge(key, y_s) if key[0] == "mid" else Ridge(y_s)
+        ridge = self._ridge(key, y_s, ls, lt) if key[0] == "mid" else Ridge(y_s)
         b_t = map_output(y_s, y_t, ridge, B)
         return _output(a_t, b_t, lora, src, tgt, in_fit, _out_fit(y_s, y_t, ridge))
 
@@ -327,7 +344,7 @@ class Matched(Method):
         m, out_fit = self._fit(("res", ls, lt, role if post_norm else None), lambda: procrustes(
             self._write_coords(self.acts_s, ctx.src_layout, ls, g_s, src),
             self._write_coords(self.acts_t, ctx.tgt_layout, lt, g_t, tgt),
-        ))  # fmt: skip
+        ), ls, lt)  # fmt: skip
         b_t = m @ lora.B.to(self.device).double()
         return _output(a_t, b_t, lora, src, tgt, in_fit, out_fit)
 
@@ -345,6 +362,21 @@ class Matched(Method):
         return acts.residual[min(layer + 1, num_layers - 1)].to(self.device)
 
 
+def _fit_bytes(src: Layout, tgt: Layout) -> int:
+    """The float64 fits ``_fit`` holds for one layer at most: the target's ridge factors for every
+    input space it reads, the source's for its MLP neurons, and the writers' two maps."""
+
+    def squares(layout: Layout, spaces: set[str]) -> int:
+        widths = {(r.layer, INPUT_SPACE[r.role]): r.shape[1] for r in layout.roles()
+                  if INPUT_SPACE[r.role] in spaces}  # fmt: skip
+        per_layer = [sum(n * n for (layer, _), n in widths.items() if layer == i)
+                     for i in range(layout.num_layers)]  # fmt: skip
+        return max(per_layer, default=0)
+
+    maps = 2 * src.dims.hidden * tgt.dims.hidden
+    return 8 * (squares(tgt, set(INPUT_SPACE.values())) + squares(src, {"mlp_mid"}) + maps)
+
+
 def probe_texts(model_s, tok_s, model_t, tok_t, n: int, seed: int, bars: bool = False) -> list[str]:
     """``n`` probe texts: the first half sampled from the source model (``seed``), the rest from
     the target (``seed + 1``), ``TEXT_TOKENS`` new tokens each; progress bars when ``bars``."""
@@ -356,11 +388,11 @@ def probe_texts(model_s, tok_s, model_t, tok_t, n: int, seed: int, bars: bool = 
 
 
 def _rescale(results, updates: list[cal.Update], factors: list[float]) -> None:
-    """Multiply each result's ``B`` and its dense update by its factor, in place."""
+    """Multiply each result's ``B`` and its update by its factor, in place."""
     for res, u, c in zip(results, updates, factors):
         f = res.factors  # read back once if parked
         res.factors = LoraFactors(f.A, f.B * c, f.scale)
-        u.delta = u.delta * c
+        u.B = u.B * c
 
 
 def _source_updates(inputs, results) -> list[cal.Update]:
@@ -372,20 +404,14 @@ def _source_updates(inputs, results) -> list[cal.Update]:
         if key not in seen:
             lora = inputs.adapter.factors(res.task.adapter_module).to("cpu")
             rows = src.slot.rows[src.role]
-            seen[key] = cal.Update(src.slot.module, rows, _dense(lora, rows), src.slot.conv1d)
+            B = lora.B if rows is None else lora.B[rows]
+            seen[key] = cal.Update(src.slot.module, rows, lora.A, B, lora.scale)
     return list(seen.values())
 
 
 def _target_update(res) -> cal.Update:
-    tgt = res.task.tgt
-    return cal.Update(tgt.slot.module, tgt.slot.rows[tgt.role], _dense(res.factors, None),
-                      tgt.slot.conv1d)  # fmt: skip
-
-
-def _dense(lora: LoraFactors, rows: torch.Tensor | None) -> torch.Tensor:
-    """``scale · B A`` (out_rows, in), float32, for ``B``'s ``rows`` (None: all)."""
-    B = lora.B.float() if rows is None else lora.B.float()[rows]
-    return lora.scale * (B @ lora.A.float())
+    tgt, f = res.task.tgt, res.factors
+    return cal.Update(tgt.slot.module, tgt.slot.rows[tgt.role], f.A, f.B, f.scale)
 
 
 def _median_rms(y: torch.Tensor) -> float:
