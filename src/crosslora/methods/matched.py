@@ -101,7 +101,7 @@ CALIBRATION_TEXTS = 32  # of which the calibration reads (about 2,700 chunks)
 TEXT_TOKENS = 96  # new tokens per probe text
 SEED = 0
 MIN_POSITIONS = 256
-RUNTIME_BYTES = 1 << 30  # torch, the tokenizers and the fits, besides models and activations
+RUNTIME_BYTES = 1 << 30  # torch, the tokenizers, the forward passes: what `memory` does not count
 POST_NORM = {"o": "post_attn_norm", "down": "post_mlp_norm"}  # family fields (Gemma 2/3)
 
 
@@ -180,11 +180,10 @@ class Matched(Method):
         fits = _fit_bytes(src, tgt)
         logits = 2 * 4 * (4 * 2 * TEXT_TOKENS) * max(src.dims.vocab, tgt.dims.vocab)
         module = 3 * (max(a_s) + max(a_t))  # a layer's rows, float32 and float64, on each side
-        what = (f"both models in float32, {gb(m_s + m_t)}, with logits, {gb(logits)}, or one "
-                f"layer's activations and fits, "
-                f"{gb(module + fits)}; the activations at {positions} probe positions, "
-                f"{gb(sum(a_s) + sum(a_t))}, wait on disk")  # fmt: skip
         disk = sum(a_s) + sum(a_t)
+        what = (f"both models in float32, {gb(m_s + m_t)}, with logits, {gb(logits)}, or one "
+                f"layer's activations and fits, {gb(module + fits)}; the activations at "
+                f"{positions} probe positions, {gb(disk)}, wait on disk")  # fmt: skip
         if device.type == "cpu":
             peak = max(m_s + m_t + logits, module + fits)
             return MemoryNeed(peak + RUNTIME_BYTES, 0, what, disk)
