@@ -67,14 +67,13 @@ def applied(model, updates: Sequence[Update], scale: float = 1.0) -> Iterator[No
     """``model`` with every update (times ``scale``) added to its module's output by a forward
     hook, kept factored as a LoRA layer computes it; the model is as before once it is left."""
 
+    weight = next(model.parameters())
+
     def hook_for(u: Update):
-        a, b, rows = None, None, None
+        a, b = u.A.to(weight.device, weight.dtype), u.B.to(weight.device, weight.dtype)
+        rows = None if u.rows is None else u.rows.to(weight.device)
 
         def hook(_module, args, out):
-            nonlocal a, b, rows
-            if a is None:
-                a, b = u.A.to(out.device, out.dtype), u.B.to(out.device, out.dtype)
-                rows = None if u.rows is None else u.rows.to(out.device)
             delta = (scale * u.scale) * ((args[0].to(out.dtype) @ a.mT) @ b.mT)
             if rows is None:
                 return out + delta

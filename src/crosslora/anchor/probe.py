@@ -20,6 +20,7 @@ number of aligned positions, the same rows in the same order for both models.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -192,12 +193,16 @@ def _input_modules(layout: Layout) -> dict[str, tuple[int, str]]:
     return {module: key for key, module in seen.items()}
 
 
+def input_widths(layout: Layout) -> dict[tuple[int, str], int]:
+    """(layer, input space) -> its width, for every input space the layout's roles read."""
+    return {(ref.layer, INPUT_SPACE[ref.role]): ref.shape[1] for ref in layout.roles()}
+
+
 def activation_bytes(layout: Layout, positions: int) -> list[int]:
     """What ``collect`` keeps for ``positions`` aligned positions, per layer: one float32 row per
     position for each input space (``_input_modules``) and for the residual stream."""
-    widths = {(ref.layer, INPUT_SPACE[ref.role]): ref.shape[1] for ref in layout.roles()}
     per_layer = [layout.dims.hidden] * layout.num_layers
-    for (layer, _), n in widths.items():
+    for (layer, _), n in input_widths(layout).items():
         per_layer[layer] += n
     return [4 * positions * n for n in per_layer]
 
@@ -219,16 +224,17 @@ def collect(
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chunk: (sequence index, position)
 
     def hook_for(key):
+        if spool is None:
+            keep = parts.setdefault(key, []).append
+        elif key[0] == "residual":
+            keep = functools.partial(acts.residual.add, key[1])
+        else:
+            keep = functools.partial(acts.inputs.add, key)
+
         def hook(_module, args, kwargs=None):
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
             b, p = rows[-1]
-            part = x[b, p].float().cpu()
-            if spool is None:
-                parts.setdefault(key, []).append(part)
-            elif key[0] == "residual":
-                acts.residual.add(key[1], part)
-            else:
-                acts.inputs.add(key, part)
+            keep(x[b, p].float().cpu())
 
         return hook
 

@@ -80,6 +80,7 @@ from crosslora.anchor.probe import (
     activation_bytes,
     align,
     collect,
+    input_widths,
     load_model,
     sample_texts,
     special_id,
@@ -366,10 +367,9 @@ def _fit_bytes(src: Layout, tgt: Layout) -> int:
     input space it reads, the source's for its MLP neurons, and the writers' two maps."""
 
     def squares(layout: Layout, spaces: set[str]) -> int:
-        widths = {(r.layer, INPUT_SPACE[r.role]): r.shape[1] for r in layout.roles()
-                  if INPUT_SPACE[r.role] in spaces}  # fmt: skip
-        per_layer = [sum(n * n for (layer, _), n in widths.items() if layer == i)
-                     for i in range(layout.num_layers)]  # fmt: skip
+        per_layer = [0] * layout.num_layers
+        for (layer, space), n in input_widths(layout).items():
+            per_layer[layer] += n * n if space in spaces else 0
         return max(per_layer, default=0)
 
     maps = 2 * src.dims.hidden * tgt.dims.hidden
