@@ -38,6 +38,7 @@ from crosslora.zoo.models import model_path
 
 DEV = str(Path(__file__).with_name("arc_dev.json"))
 N_TEXTS, K = 64, 16
+MAX_CHUNKS = 400  # signs drawn per text; a 96-token text has far fewer chunks
 RIDGE = 1e-2  # relative to the mean eigenvalue of G_tᵀ G_t
 
 
@@ -115,7 +116,7 @@ def main(source: str, target: str, adapter: str, factors: str) -> None:
     with torch.no_grad():
         texts = mm.probe_texts(ms, tok_s, mt, tok_t, N_TEXTS, mm.SEED + 11)
     bs, bt = align(texts, tok_s, tok_t)
-    signs = [torch.randint(0, 2, (K, 400)).float() * 2 - 1 for _ in texts]
+    signs = [torch.randint(0, 2, (K, MAX_CHUNKS)).float() * 2 - 1 for _ in texts]
     gs, gt = gradients(ms, bs, signs), gradients(mt, bt, signs)
     base = streams(ms, bs)  # before PEFT wraps the source model in place
     drift = (streams(PeftModel.from_pretrained(ms, adapter), bs) - base).mean(1)
@@ -138,9 +139,11 @@ def main(source: str, target: str, adapter: str, factors: str) -> None:
     with torch.no_grad():
         for factor in (float(x) for x in factors.split(",")):
             hooks = added(mt, steps * factor)
-            (task,) = evaluate(mt, tok_t, DEV, progress=False)["tasks"].values()
-            for h in hooks:
-                h.remove()
+            try:
+                (task,) = evaluate(mt, tok_t, DEV, progress=False)["tasks"].values()
+            finally:
+                for h in hooks:
+                    h.remove()
             print(f"steering x{factor:g}: development NLL {task['metrics']['nll']['value']:.3f}")
 
 
