@@ -20,7 +20,6 @@ number of aligned positions, the same rows in the same order for both models.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,23 +41,46 @@ TOP_P = 0.95
 TOP_K = 1024  # nucleus sampling within the 1024 likeliest tokens (no full-vocabulary sort)
 
 
-class Spilled(Mapping):
+class Kept(Mapping):
+    """Activations kept in memory: each key's rows (N, n) come in pieces as they are computed and
+    are concatenated when first asked for."""
+
+    def __init__(self) -> None:
+        self._parts: dict[object, list] = {}
+
+    def add(self, key: object, rows: torch.Tensor) -> None:
+        self._parts.setdefault(key, []).append(rows)
+
+    def __getitem__(self, key: object) -> torch.Tensor:
+        parts = self._parts[key]
+        if len(parts) > 1:
+            parts[:] = [torch.cat(parts)]
+        return parts[0]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+
+class Spilled(Kept):
     """Activations parked in a ``Spool`` as they are computed; each key's rows (N, n) are read
     back into a fresh tensor when asked for, so only what a module uses is in memory."""
 
     def __init__(self, spool: Spool) -> None:
+        super().__init__()
         self.spool = spool
-        self._parts: dict[object, list[Parked]] = {}
         self._last: tuple[object, torch.Tensor] | None = None  # q, k and v read the same rows
 
     def add(self, key: object, rows: torch.Tensor) -> None:
-        self._parts.setdefault(key, []).append(self.spool.put(rows))
+        super().add(key, self.spool.put(rows))
 
     def __getitem__(self, key: object) -> torch.Tensor:
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         self._last = None
-        parts = self._parts[key]
+        parts: list[Parked] = self._parts[key]
         out = torch.empty(
             (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype
         )
@@ -69,20 +91,14 @@ class Spilled(Mapping):
         self._last = (key, out)
         return out
 
-    def __iter__(self) -> Iterator:
-        return iter(self._parts)
-
-    def __len__(self) -> int:
-        return len(self._parts)
-
 
 @dataclass
 class Activations:
-    """One model's activations at the aligned positions (see the module docstring): in memory,
-    or ``Spilled`` to disk."""
+    """One model's activations at the aligned positions (see the module docstring): ``Kept`` in
+    memory, or ``Spilled`` to disk."""
 
-    inputs: Mapping[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    residual: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    inputs: Kept = field(default_factory=Kept)
+    residual: Kept = field(default_factory=Kept)
 
 
 def load_model(path: Path, device: torch.device, what: str):
@@ -220,21 +236,13 @@ def collect(
     ``spool`` as they come when one is given (``Spilled``), else in memory."""
     device = next(model.parameters()).device
     acts = Activations(Spilled(spool), Spilled(spool)) if spool is not None else Activations()
-    parts: dict = {}
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chunk: (sequence index, position)
 
-    def hook_for(key):
-        if spool is None:
-            keep = parts.setdefault(key, []).append
-        elif key[0] == "residual":
-            keep = functools.partial(acts.residual.add, key[1])
-        else:
-            keep = functools.partial(acts.inputs.add, key)
-
+    def hook_for(store: Kept, key):
         def hook(_module, args, kwargs=None):
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
             b, p = rows[-1]
-            keep(x[b, p].float().cpu())
+            store.add(key, x[b, p].float().cpu())
 
         return hook
 
@@ -244,9 +252,10 @@ def collect(
             sub = model.get_submodule(module)
         except AttributeError as err:
             raise CrossLoraError(f"{layout.what}: the loaded model has no module {module}") from err
-        handles.append(sub.register_forward_pre_hook(hook_for(key), with_kwargs=True))
+        handles.append(sub.register_forward_pre_hook(hook_for(acts.inputs, key), with_kwargs=True))
     for i, layer in enumerate(model.get_submodule(layout.family.layers)):
-        handles.append(layer.register_forward_pre_hook(hook_for(("residual", i)), with_kwargs=True))
+        hook = hook_for(acts.residual, i)
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     body = model.base_model  # the transformer without its LM head: no logits needed here
     try:
         for lo in range(0, len(batch.ids), chunk):
@@ -259,10 +268,4 @@ def collect(
     finally:
         for h in handles:
             h.remove()
-    for key in list(parts):
-        x = torch.cat(parts.pop(key))
-        if key[0] == "residual":
-            acts.residual[key[1]] = x
-        else:
-            acts.inputs[key] = x
     return acts
