@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from effect_map import added  # bench/dev, beside this script
 from peft import PeftModel
 
 import crosslora.methods.matched as mm
@@ -70,23 +71,9 @@ def effects(model, ids, pos, pad, base: list[torch.Tensor] | None = None) -> lis
 
 def score(d_t: list[torch.Tensor], d_s: list[torch.Tensor]) -> str:
     t, s = torch.cat(d_t), torch.cat(d_s)
-    explained = 1 - (t - s).pow(2).sum() / s.pow(2).sum()
+    explained = 1 - (t - s).pow(2).sum() / s.pow(2).sum()  # unrounded (agreement rounds to 4)
     corr = torch.corrcoef(torch.stack([t, s]))[0, 1]
     return f"mse {(t - s).pow(2).mean():.3f}, corr {corr:.3f}, explained {explained:.3f}"
-
-
-def steering(model, num: int, width: int) -> tuple[torch.Tensor, list]:
-    """A trainable constant (num, width) added to the output of every decoder layer."""
-    c = torch.zeros(num, width, requires_grad=True)
-
-    def hook_for(layer):
-        def hook(_module, _args, out):
-            return (out[0] + c[layer], *out[1:]) if isinstance(out, tuple) else out + c[layer]
-
-        return hook
-
-    layers = model.get_base_model().model.layers
-    return c, [m.register_forward_hook(hook_for(j)) for j, m in enumerate(layers)]
 
 
 def main(source, target, adapter, transferred, out, steps="60", lr="2e-4", what="lora") -> None:
@@ -124,7 +111,8 @@ def main(source, target, adapter, transferred, out, steps="60", lr="2e-4", what=
         params = [p for n, p in mt.named_parameters() if "lora_" in n]
     else:  # "steer": one constant per layer on top of the transfer, which stays as it is
         mt.requires_grad_(False)
-        c, _ = steering(mt, mt.config.num_hidden_layers, mt.config.hidden_size)
+        c = torch.zeros(mt.config.num_hidden_layers, mt.config.hidden_size, requires_grad=True)
+        added(mt, c)  # c[l] added to the output of decoder layer l
         params = [c]
     opt = torch.optim.Adam(params, lr=float(lr))
     gen = torch.Generator().manual_seed(0)
