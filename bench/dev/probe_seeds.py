@@ -1,5 +1,5 @@
 """The probe text is one draw: transfers with other probe seeds, and their mean adapter
-(not a test; docs/results.md, seventeenth session).
+(not a test; docs/results.md, seventeenth and eighteenth sessions).
 
 ``transfer`` runs the committed ``matched`` transfer with ``matched.SEED`` set to SEED::
 
@@ -12,6 +12,22 @@ each stacked factor and an SVD of the (K·r, K·r) core, and the share of each u
 kept is printed::
 
     .venv/bin/python bench/dev/probe_seeds.py mean OUT 16 ADAPTER ADAPTER ADAPTER
+
+``rescale`` writes ADAPTER's maps with OTHER's calibration: each role's ``lora_B`` times OTHER's
+scale over ADAPTER's (both from ``transfer_report.json``; refused where ADAPTER's scale is 0 and
+OTHER's is not), to tell the maps' share of a seed's effect from the calibration's::
+
+    .venv/bin/python bench/dev/probe_seeds.py rescale ADAPTER OTHER OUT
+
+``gap`` prints the NLL gap recovered of ``crosslora eval --output`` files, pooled over their
+tasks with the bench's own bootstrap (2000 resamples, seed 0), against BASE and ORACLE::
+
+    .venv/bin/python bench/dev/probe_seeds.py gap BASE ORACLE X...
+
+``diff`` prints each X's gap recovered minus REF's, with a paired 2000-resample bootstrap over the
+pooled items (seed 0)::
+
+    .venv/bin/python bench/dev/probe_seeds.py diff BASE ORACLE REF X...
 """
 
 from __future__ import annotations
@@ -20,10 +36,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 import crosslora.methods.matched as mm
+from crosslora.bench import _gap
 from crosslora.cli import main as cli
 from crosslora.zoo.models import model_path
 
@@ -77,6 +95,57 @@ def mean(out: str, rank: str, *adapters: str) -> int:
     return 0
 
 
+def rescale(adapter: str, other: str, out: str) -> int:
+    def scales(path: Path) -> dict[str, float]:
+        report = json.loads((path / "transfer_report.json").read_text())
+        return report["method_diagnostics"]["calibration"]
+
+    src, dst = Path(adapter), Path(out)
+    old, new = scales(src), scales(Path(other))
+    if any(old[r] == 0 and new[r] != 0 for r in old):
+        raise SystemExit(f"{adapter} dropped a role that {other} keeps")
+    ratio = {r: new[r] / old[r] if old[r] else 0.0 for r in old}
+    role = lambda key: next(r for r in ratio if f".{r}_proj." in key)  # noqa: E731
+    weights = load_file(src / "adapter_model.safetensors")
+    weights = {k: v * ratio[role(k)] if "lora_B" in k else v for k, v in weights.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "transfer_report.json"):
+        (dst / name).write_text((src / name).read_text())
+    save_file(weights, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    print(", ".join(f"{r} x{c:.3f}" for r, c in ratio.items()))
+    return 0
+
+
+def gap(base: str, oracle: str, *evals: str) -> int:
+    b, o = (json.loads(Path(p).read_text()) for p in (base, oracle))
+    for path in evals:
+        g = _gap(b, json.loads(Path(path).read_text()), o, list(b["tasks"]), "nll", 2000, 0)
+        print(f"{path}: {g['text']}")
+    return 0
+
+
+def pooled(path: str) -> dict[str, float]:
+    """``{task/item id: gold NLL}`` over every task of an eval output."""
+    tasks = json.loads(Path(path).read_text())["tasks"]
+    return {f"{t}/{rec['id']}": rec["nll"] for t, r in tasks.items() for rec in r["items"]}
+
+
+def diff(base: str, oracle: str, ref: str, *evals: str) -> int:
+    b, o, r = pooled(base), pooled(oracle), pooled(ref)
+    rng = np.random.default_rng(0)
+    for path in evals:
+        x = pooled(path)
+        ids = [k for k in b if k in o and k in r and k in x]
+        cols = np.array([[m[k] for k in ids] for m in (b, o, r, x)])
+        draws = cols[:, rng.integers(0, len(ids), (2000, len(ids)))].mean(-1)  # (4, 2000)
+        d = (draws[3] - draws[2]) / (draws[1] - draws[0])
+        point = (cols[3].mean() - cols[2].mean()) / (cols[1].mean() - cols[0].mean())
+        low, high = np.percentile(d, [2.5, 97.5])
+        print(f"{path}: minus {ref}: {point:+.3f} [{low:+.3f}, {high:+.3f}]")
+    return 0
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    raise SystemExit({"transfer": transfer, "mean": mean}[command](*args))
+    commands = {"transfer": transfer, "mean": mean, "rescale": rescale, "gap": gap, "diff": diff}
+    raise SystemExit(commands[command](*args))
