@@ -25,7 +25,7 @@ tasks with the bench's own bootstrap (2000 resamples, seed 0), against BASE and 
     .venv/bin/python bench/dev/probe_seeds.py gap BASE ORACLE X...
 
 ``diff`` prints each X's gap recovered minus REF's, with a paired 2000-resample bootstrap over the
-pooled items (seed 0)::
+pooled items (the same resamples for every X, seed 0, drawn as the bench draws them)::
 
     .venv/bin/python bench/dev/probe_seeds.py diff BASE ORACLE REF X...
 """
@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 import crosslora.methods.matched as mm
 from crosslora.bench import _gap
 from crosslora.cli import main as cli
+from crosslora.eval.metrics import _percentiles, _resample_means, item_values
 from crosslora.zoo.models import model_path
 
 
@@ -127,20 +128,19 @@ def gap(base: str, oracle: str, *evals: str) -> int:
 def pooled(path: str) -> dict[str, float]:
     """``{task/item id: gold NLL}`` over every task of an eval output."""
     tasks = json.loads(Path(path).read_text())["tasks"]
-    return {f"{t}/{rec['id']}": rec["nll"] for t, r in tasks.items() for rec in r["items"]}
+    return {f"{t}/{k}": v for t, r in tasks.items() for k, v in item_values(r, "nll").items()}
 
 
 def diff(base: str, oracle: str, ref: str, *evals: str) -> int:
     b, o, r = pooled(base), pooled(oracle), pooled(ref)
-    rng = np.random.default_rng(0)
-    for path in evals:
+    for path in evals:  # each X resampled alike (seed 0), whatever its place in the list
         x = pooled(path)
         ids = [k for k in b if k in o and k in r and k in x]
-        cols = np.array([[m[k] for k in ids] for m in (b, o, r, x)])
-        draws = cols[:, rng.integers(0, len(ids), (2000, len(ids)))].mean(-1)  # (4, 2000)
-        d = (draws[3] - draws[2]) / (draws[1] - draws[0])
-        point = (cols[3].mean() - cols[2].mean()) / (cols[1].mean() - cols[0].mean())
-        low, high = np.percentile(d, [2.5, 97.5])
+        cols = np.array([[m[k] for k in ids] for m in (b, o, r, x)]).T  # (items, 4)
+        means = _resample_means(cols, 2000, 0)  # (2000, 4)
+        d = (means[:, 3] - means[:, 2]) / (means[:, 1] - means[:, 0])
+        point = (cols[:, 3].mean() - cols[:, 2].mean()) / (cols[:, 1].mean() - cols[:, 0].mean())
+        low, high = _percentiles(d, 0.95)
         print(f"{path}: minus {ref}: {point:+.3f} [{low:+.3f}, {high:+.3f}]")
     return 0
 
