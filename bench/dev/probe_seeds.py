@@ -1,9 +1,10 @@
 """The probe text is one draw: transfers with other probe seeds, and their mean adapter
 (not a test; docs/results.md, seventeenth and eighteenth sessions).
 
-``transfer`` runs the committed ``matched`` transfer with ``matched.SEED`` set to SEED::
+``transfer`` runs the committed ``matched`` transfer with ``matched.SEED`` set to SEED, and
+``matched.N_TEXTS`` to TEXTS if given (the calibration still reads ``CALIBRATION_TEXTS``)::
 
-    .venv/bin/python bench/dev/probe_seeds.py transfer 100 OUT smollm2-135m gemma3-270m
+    .venv/bin/python bench/dev/probe_seeds.py transfer 100 OUT smollm2-135m gemma3-270m [TEXTS]
 
 ``mean`` writes the mean of K PEFT LoRA adapters of the same modules and rank r: each update
 ``B A`` divided by K, kept factored. With RANK 0 the K ``A`` (r, in) and ``B`` (out, r) are
@@ -28,6 +29,14 @@ tasks with the bench's own bootstrap (2000 resamples, seed 0), against BASE and 
 pooled items (the same resamples for every X, seed 0, drawn as the bench draws them)::
 
     .venv/bin/python bench/dev/probe_seeds.py diff BASE ORACLE REF X...
+
+``agree`` prints how far two adapters of the same modules (two draws, say) agree in direction: for
+each factor, the mean squared cosine of the principal angles between the two column spaces of
+``lora_B`` (out, r), or row spaces of ``lora_A`` (r, in) (1: the same subspace; r / width for
+unrelated ones), averaged over the readers' ``lora_A`` (q, k, v, gate, up), the writers' ``lora_A``
+and the writers' ``lora_B`` (o, down), over the modules where neither is zero::
+
+    .venv/bin/python bench/dev/probe_seeds.py agree ADAPTER OTHER
 """
 
 from __future__ import annotations
@@ -47,8 +56,9 @@ from crosslora.eval.metrics import _percentiles, _resample_means, item_values
 from crosslora.zoo.models import model_path
 
 
-def transfer(seed: str, out: str, source: str, target: str) -> int:
+def transfer(seed: str, out: str, source: str, target: str, texts: str | None = None) -> int:
     mm.SEED = int(seed)
+    mm.N_TEXTS = int(texts) if texts else mm.N_TEXTS
     return cli([
         "transfer", "--adapter", f"adapters/{source}-commonsense",
         "--source-model", str(model_path(source, must_exist=True)),
@@ -145,7 +155,37 @@ def diff(base: str, oracle: str, ref: str, *evals: str) -> int:
     return 0
 
 
+def subspace_agreement(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the column spaces of x and y."""
+    qx, qy = torch.linalg.qr(x.double())[0], torch.linalg.qr(y.double())[0]
+    return float(torch.linalg.svdvals(qx.mT @ qy).square().mean())
+
+
+def agree(adapter: str, other: str) -> int:
+    a, b = (load_file(Path(p) / "adapter_model.safetensors") for p in (adapter, other))
+    groups: dict[str, list[float]] = {"readers A": [], "writers A": [], "writers B": []}
+    for key in a:
+        if key not in b or not (a[key].any() and b[key].any()):
+            continue  # a role the calibration dropped
+        writer = any(f".{r}." in key for r in ("o_proj", "down_proj"))
+        if "lora_A" in key:
+            groups["writers A" if writer else "readers A"].append(
+                subspace_agreement(a[key].mT, b[key].mT)
+            )
+        elif writer:
+            groups["writers B"].append(subspace_agreement(a[key], b[key]))
+    print(", ".join(f"{g} {sum(v) / len(v):.3f}" for g, v in groups.items() if v))
+    return 0
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    commands = {"transfer": transfer, "mean": mean, "rescale": rescale, "gap": gap, "diff": diff}
+    commands = {
+        "transfer": transfer,
+        "mean": mean,
+        "rescale": rescale,
+        "gap": gap,
+        "diff": diff,
+        "agree": agree,
+    }
     raise SystemExit(commands[command](*args))
