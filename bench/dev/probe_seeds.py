@@ -58,7 +58,8 @@ from crosslora.zoo.models import model_path
 
 def transfer(seed: str, out: str, source: str, target: str, texts: str | None = None) -> int:
     mm.SEED = int(seed)
-    mm.N_TEXTS = int(texts) if texts else mm.N_TEXTS
+    if texts:
+        mm.N_TEXTS = int(texts)
     return cli([
         "transfer", "--adapter", f"adapters/{source}-commonsense",
         "--source-model", str(model_path(source, must_exist=True)),
@@ -166,7 +167,7 @@ def agree(adapter: str, other: str) -> int:
     groups: dict[str, list[float]] = {"readers A": [], "writers A": [], "writers B": []}
     for key in a:
         if key not in b or not (a[key].any() and b[key].any()):
-            continue  # a role the calibration dropped
+            continue  # a lora_B the calibration zeroed (its role's scale 0)
         writer = any(f".{r}." in key for r in ("o_proj", "down_proj"))
         if "lora_A" in key:
             groups["writers A" if writer else "readers A"].append(
