@@ -3,7 +3,12 @@ models generate themselves.
 
 1. **Probe text.** Each model samples ``n_texts / 2`` continuations of its own start token
    (temperature 1, top-p 0.95 within the top 1024, a fixed seed): ordinary text in the models'
-   own distribution, from no dataset.
+   own distribution, from no dataset. A sample is kept only if both models can read it
+   (``readable``): each tokenizer spends at most ``MAX_PIECES`` tokens per aligned position (a
+   script one vocabulary lacks is spelled out in byte pieces, and the states there do not describe
+   the text as the other model's do), and it is not a degenerate loop (at most ``MAX_REPEATED`` of
+   its character ``LOOP_CHARS``-grams repeat an earlier one). Sampling goes on, up to ``TRIES``
+   times the texts asked for, until enough are kept.
 2. **Aligned positions.** Both tokenizers encode every text with character offsets. A position
    where a source token and a target token end at the same character has read the same prefix of
    the text in both models, so their hidden states there describe the same thing. The first
@@ -39,6 +44,9 @@ INPUT_SPACE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
 SKIP_TOKENS = 4
 TOP_P = 0.95
 TOP_K = 1024  # nucleus sampling within the 1024 likeliest tokens (no full-vocabulary sort)
+MAX_PIECES = 1.5  # tokens per aligned position, on either side, for a text both models read
+LOOP_CHARS, MAX_REPEATED = 16, 0.3  # prose repeats <= 0.2 of its 16-grams, loops >= 0.35
+TRIES = 3  # texts sampled, at most, per text asked for
 
 
 class Kept(Mapping):
@@ -124,9 +132,11 @@ def special_id(tokenizer, *names: str) -> int | None:
 
 @torch.no_grad()
 def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 16,
-                 desc: str | None = None) -> list[str]:  # fmt: skip
+                 desc: str | None = None, keep=None) -> list[str]:  # fmt: skip
     """``n`` texts of ``length`` new tokens sampled from ``model`` from its start token alone
-    (a progress bar labelled ``desc`` when given)."""
+    (a progress bar labelled ``desc`` when given). With ``keep`` (text -> bool), only the texts
+    it accepts, sampling on until ``n`` are kept or ``TRIES × n`` were sampled (the first ``n``
+    are the same texts as without it)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -136,8 +146,10 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 
     if start is None:
         raise CrossLoraError("a tokenizer has no BOS, EOS or pad token to start sampling from")
     texts: list[str] = []
-    for lo in range(0, n, batch):
-        ids = torch.full((min(batch, n - lo), 1), start, dtype=torch.long, device=device)
+    sampled, limit = 0, n if keep is None else TRIES * n
+    while len(texts) < n and sampled < limit:
+        rows = min(batch, n - len(texts), limit - sampled)
+        ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
         cache = None
         step_ids = ids
         for _ in range(length):
@@ -150,9 +162,27 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 
             step_ids = order.gather(-1, pick).to(device)
             ids = torch.cat([ids, step_ids], dim=1)
             bar.update(len(ids))
-        texts += tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)
+        sampled += rows
+        new = [t for t in tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True) if t.strip()]
+        texts += new if keep is None else [t for t in new if keep(t)]
+        if len(texts) < n and sampled < limit:  # the bar grows by the batch sampling on
+            more = min(batch, n - len(texts), limit - sampled)
+            bar.total = max(bar.total, (sampled + more) * length)
     bar.close()
-    return [t for t in texts if t.strip()]
+    if keep is not None and len(texts) < n:
+        log.info("%d of %d sampled texts are readable by both models", len(texts), sampled)
+    return texts
+
+
+def readable(text: str, tok_s, tok_t) -> bool:
+    """Whether both models read ``text`` as text (see the module docstring): at most
+    ``MAX_PIECES`` tokens of each tokenizer per aligned position, and not a loop."""
+    grams = [text[i : i + LOOP_CHARS] for i in range(len(text) - LOOP_CHARS + 1)]
+    if len(grams) - len(set(grams)) > MAX_REPEATED * len(grams):
+        return False
+    ends_s, ends_t = _encode(tok_s, text)[1], _encode(tok_t, text)[1]
+    common = len(set(ends_s) & set(ends_t))
+    return common > 0 and max(len(ends_s), len(ends_t)) <= MAX_PIECES * common
 
 
 def _encode(tokenizer, text: str) -> tuple[list[int], dict[int, int]]:

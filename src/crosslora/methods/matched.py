@@ -82,6 +82,7 @@ from crosslora.anchor.probe import (
     collect,
     input_widths,
     load_model,
+    readable,
     sample_texts,
     special_id,
 )
@@ -378,11 +379,17 @@ def _fit_bytes(src: Layout, tgt: Layout) -> int:
 
 def probe_texts(model_s, tok_s, model_t, tok_t, n: int, seed: int, bars: bool = False) -> list[str]:
     """``n`` probe texts: the first half sampled from the source model (``seed``), the rest from
-    the target (``seed + 1``), ``TEXT_TOKENS`` new tokens each; progress bars when ``bars``."""
+    the target (``seed + 1``), ``TEXT_TOKENS`` new tokens each, each one both models can read
+    (``anchor.probe.readable``; fewer when a model's samples rarely are); progress bars when
+    ``bars``."""
     half = n // 2
     desc_s, desc_t = ("probe text (source)", "probe text (target)") if bars else (None, None)
-    return sample_texts(model_s, tok_s, half, TEXT_TOKENS, seed, desc=desc_s) + sample_texts(
-        model_t, tok_t, n - half, TEXT_TOKENS, seed + 1, desc=desc_t
+
+    def keep(text: str) -> bool:
+        return readable(text, tok_s, tok_t)
+
+    return sample_texts(model_s, tok_s, half, TEXT_TOKENS, seed, desc=desc_s, keep=keep) + (
+        sample_texts(model_t, tok_t, n - half, TEXT_TOKENS, seed + 1, desc=desc_t, keep=keep)
     )
 
 
