@@ -51,7 +51,11 @@ def test_a_loop_is_not_readable(period):
     words = build_tokenizer("llama")
     loop = " ".join([prose(period, seed=1)] * (96 // period))
     assert not readable(loop, words, words)
-    # a text that repeats itself for less than MAX_REPEATED of its length is still prose
+
+
+def test_a_short_repeat_is_still_readable():
+    """A text that repeats itself for less than ``MAX_REPEATED`` of its length is still prose."""
+    words = build_tokenizer("llama")
     once = prose(80) + " " + prose(16, seed=1)
     assert readable(once + " " + prose(16, seed=1), words, words)
 

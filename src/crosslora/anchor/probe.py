@@ -149,6 +149,7 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 
     sampled, limit = 0, n if keep is None else TRIES * n
     while len(texts) < n and sampled < limit:
         rows = min(batch, n - len(texts), limit - sampled)
+        bar.total = max(bar.total, (sampled + rows) * length)  # grows when sampling goes on
         ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
         cache = None
         step_ids = ids
@@ -165,9 +166,6 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int, batch: int = 
         sampled += rows
         new = [t for t in tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True) if t.strip()]
         texts += new if keep is None else [t for t in new if keep(t)]
-        if len(texts) < n and sampled < limit:  # the bar grows by the batch sampling on
-            more = min(batch, n - len(texts), limit - sampled)
-            bar.total = max(bar.total, (sampled + more) * length)
     bar.close()
     if keep is not None and len(texts) < n:
         log.info("%d of %d sampled texts are readable by both models", len(texts), sampled)
