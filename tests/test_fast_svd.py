@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import make_adapter
 from crosslora.cli import main
-from crosslora.linalg import FastSvd, all_finite, svd_bases
+from crosslora.linalg import FastSvd, all_finite, complete_basis, svd_bases
 
 
 def decaying(m: int, n: int, seed: int, alpha: float = 0.5) -> torch.Tensor:
@@ -127,6 +127,24 @@ def test_null_space_completion_runs_the_exact_svd(shape, k):
     kl, kr = min(k, shape[0]), min(k, shape[1])
     for a, b in zip(svd_bases(w, kl, kr, "fast"), svd_bases(w, kl, kr, "exact")):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("n", "p", "k"), [(40, 16, 40), (40, 16, 25), (7, 3, 7)])
+def test_null_space_columns_depend_on_the_span_alone(n, p, k):
+    """The columns past min(m, n) are orthonormal, orthogonal to the paired ones, complete at
+    k = n, and a function of the paired columns' span: another basis of that span (as another
+    LAPACK, or cuSOLVER, might return) gives the same new columns, so no device or library
+    chooses them."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64))[0]
+    rot = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
+    a, b = complete_basis(q, k), complete_basis(q @ rot, k)
+    assert a.shape == (n, k) and torch.equal(a[:, :p], q)
+    assert float((a.T @ a - torch.eye(k, dtype=a.dtype)).abs().max()) < 1e-12
+    assert float((a[:, p:] - b[:, p:]).abs().max()) < 1e-10
+    if k == n:
+        assert float((a @ a.T - torch.eye(n, dtype=a.dtype)).abs().max()) < 1e-12
+    assert torch.equal(complete_basis(q, p), q)
 
 
 @pytest.mark.parametrize(("shape", "k"), [((64, 48), 48), ((300, 300), 120), ((200, 900), 100)])

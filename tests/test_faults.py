@@ -321,8 +321,11 @@ def leftovers(out: Path) -> list[str]:
 
 
 def transfer_argv(adapter: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    """On the CPU: the children are forked, and a forked process cannot use CUDA once the test
+    process has (the write path under test is the same on every device)."""
     return ["transfer", "-q", "--adapter", str(adapter), "--source-model", str(model),
-            "--target-model", str(model), "--out-path", str(out), "--method", "copy", *extra]  # fmt: skip
+            "--target-model", str(model), "--out-path", str(out), "--method", "copy",
+            "--device", "cpu", *extra]  # fmt: skip
 
 
 @pytest.fixture

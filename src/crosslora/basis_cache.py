@@ -34,7 +34,7 @@ from crosslora.io.safetensors_file import TensorFile
 
 log = logging.getLogger("crosslora")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: null-space columns from linalg.complete_basis
 Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U, S, V
 
 

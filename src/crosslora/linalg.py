@@ -88,15 +88,15 @@ def svd_bases(
     """Top singular bases of ``w`` (m, n): ``U`` (m, k_left), ``S``, ``V`` (n, k_right).
 
     When a ``k`` exceeds ``min(m, n)`` the extra columns complete the basis from the null space
-    (the full SVD), so at ``k_left = m`` and ``k_right = n`` the bases are complete and
-    ``U Uᵀ = I``, ``V Vᵀ = I``. Signs follow ``fix_signs`` on the paired columns; null-space
-    columns are signed by the same rule on their own.
+    (``complete_basis``), so at ``k_left = m`` and ``k_right = n`` the bases are complete and
+    ``U Uᵀ = I``, ``V Vᵀ = I``. Signs follow ``fix_signs`` on the paired columns.
 
     ``mode="fast"`` computes the top ``max(k_left, k_right)`` triplets by randomized block Krylov
     iteration (``FastSvd``). Where the Krylov space would not be much smaller than the matrix it
     takes them from the float64 eigendecomposition of the smaller Gram matrix instead
     (``gram_svd``), and where null-space columns are asked for it runs the exact SVD. ``S`` then
-    holds only those ``k`` values.
+    holds only those ``k`` values. The bases are returned contiguous, so that a computed basis and
+    the same basis read back from the cache give bit-identical products on every device.
     """
     if mode not in SVD_MODES:
         raise ValueError(f"svd mode {mode!r}: choose from {', '.join(SVD_MODES)}")
@@ -104,16 +104,35 @@ def svd_bases(
     k = max(k_left, k_right)
     if mode == "fast" and k <= min(m, n):
         u, s, v = randomized_svd(w, k, fast) if fast.applies((m, n), k) else gram_svd(w, k)
-        u, v = fix_signs(u, v)
-        return u[:, :k_left], s, v[:, :k_right]
-    full = k > min(m, n)
-    u, s, vh = torch.linalg.svd(w, full_matrices=full)
-    v = vh.mT
-    p = min(m, n)
-    u_pair, v_pair = fix_signs(u[:, :p], v[:, :p])
-    u = torch.cat([u_pair, fix_signs(u[:, p:])[0]], dim=1) if u.shape[1] > p else u_pair
-    v = torch.cat([v_pair, fix_signs(v[:, p:])[0]], dim=1) if v.shape[1] > p else v_pair
-    return u[:, :k_left], s, v[:, :k_right]
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        v = vh.mT
+    u, v = fix_signs(u, v)
+    u, v = complete_basis(u, k_left), complete_basis(v, k_right)
+    return u[:, :k_left].contiguous(), s, v[:, :k_right].contiguous()
+
+
+def complete_basis(q: torch.Tensor, k: int) -> torch.Tensor:
+    """``q`` (n, p), orthonormal columns, extended to ``k`` columns (p < k ≤ n) by an orthonormal
+    basis of part of its complement; ``q`` itself where ``k ≤ p``.
+
+    The null space of a complete SVD (or QR) is whatever basis LAPACK or cuSOLVER happens to
+    return, and the two differ. Here the new columns are the orthonormal frame closest to a fixed
+    pseudo-random Gaussian frame ``G`` (n, k − p; seeded, drawn on the CPU) projected onto the
+    complement: ``X = (I − q qᵀ) G``, columns ``X (XᵀX)^(-1/2)`` (Löwdin's symmetric
+    orthonormalisation, which makes no choice of order or sign). That is a function of ``q``'s span
+    alone, computed in float64, the same on every device up to round-off.
+    """
+    n, p = q.shape
+    if k <= p:
+        return q
+    g = torch.randn(n, k - p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    qd, x = q.double(), g.to(q.device)
+    for _ in range(2):  # twice: orthogonal to q to round-off
+        x = x - qd @ (qd.mT @ x)
+    u, _, wh = torch.linalg.svd(x, full_matrices=False)
+    extra = u @ wh  # X's polar factor X (XᵀX)^(-1/2), orthonormal to round-off however X is
+    return torch.cat([q, extra.to(q.dtype)], dim=1)
 
 
 def gram_svd(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
