@@ -121,8 +121,8 @@ def test_fast_path_on_a_matrix_of_low_rank(rank):
 
 @pytest.mark.parametrize(("shape", "k"), [((64, 48), 64), ((48, 64), 64)])
 def test_null_space_completion_runs_the_exact_svd(shape, k):
-    """k > min(m, n) needs the complete SVD: bit-identical to the exact path, the identity
-    property at full rank included."""
+    """k > min(m, n) needs null-space columns: the fast path runs the exact one (thin SVD, then
+    ``complete_basis``), bit-identical, the identity property at full rank included."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
     kl, kr = min(k, shape[0]), min(k, shape[1])
     for a, b in zip(svd_bases(w, kl, kr, "fast"), svd_bases(w, kl, kr, "exact")):
