@@ -1,7 +1,7 @@
-"""Does `--device cuda` compute what `--device cpu` computes? Every method, three family pairs.
+"""Does `--device cuda` compute what `--device cpu` computes? Every method, four family pairs.
 
 Not a test (CI has no GPU). Builds the test suite's tiny random models (tests/conftest.py: llama,
-qwen2, gemma3_text, each with its word-level tokenizer) and a random rank-4 adapter on each
+mistral, qwen2, gemma3_text, each with its word-level tokenizer) and a random rank-4 adapter on each
 source, transfers it with every method on each ``--devices`` entry, and compares the written
 adapters: per module ``ΔW = scale · B A`` in float64, ``‖ΔW_dev − ΔW_ref‖ / ‖ΔW_ref‖`` against the
 first device's. Prints a markdown table (worst module per method and pair, seconds per transfer)
@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import build_model, build_tokenizer, make_adapter  # noqa: E402
 from crosslora.cli import main  # noqa: E402
+from crosslora.io.peft_adapter import read_adapter  # noqa: E402
 from crosslora.methods import METHODS  # noqa: E402
 
 # the first pair has equal shapes, so that `copy` runs too
@@ -46,20 +46,8 @@ PAIRS = [
 
 def delta_weights(adapter: Path) -> dict[str, torch.Tensor]:
     """Module -> ΔW (out, in), float64, from a written PEFT adapter's factors."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    out = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0]
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        short = module.rsplit(".", 1)[-1]
-        r = config.get("rank_pattern", {}).get(short, config["r"])
-        alpha = config.get("alpha_pattern", {}).get(short, config["lora_alpha"])
-        scale = alpha / (r**0.5 if config.get("use_rslora") else r)
-        out[module] = scale * b.double() @ a.double()
-    return out
+    read = read_adapter(adapter)
+    return {m: read.factors(m).to("cpu", torch.float64).delta() for m in read.modules}
 
 
 def transfer(
