@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -143,18 +144,28 @@ def _read_order(inputs: Inputs, task: ModuleTask) -> tuple:
 def execute_batch(
     batch: list[Inputs], plans: list[TransferPlan], device: torch.device,
     progress: bool = True, bases: BasisSettings | None = None, spool: Spool | None = None,
+    draw: int = 0,
 ) -> list[list[ModuleResult]]:  # fmt: skip
     """Run several plans with one method between one source and one target model.
 
     ``batch[i]`` and ``plans[i]`` belong to adapter i; the inputs share the two layouts. After the
     last module, the method may calibrate each adapter's results as a whole. Returns, per
     adapter, its results in its plan's task order, their factors parked in ``spool`` if one is
-    given (else held in memory).
+    given (else held in memory). What the method parks for itself goes to a second spool beside
+    it, gone when this returns. ``draw``: which independent draw this is, for a method that
+    draws probe text (``Method.draws``).
     """
+    scratch = Spool(spool.folder, spool.label) if spool is not None else nullcontext()
+    with scratch:
+        return _execute(batch, plans, device, progress, bases, spool, draw, scratch)
+
+
+def _execute(batch, plans, device, progress, bases, spool, draw, scratch):
     bases = bases or BasisSettings()
     method = get_method(plans[0].method)
+    method.draw = draw
     first = batch[0]
-    diagnostics = method.prepare(first.src, first.tgt, device, spool)
+    diagnostics = method.prepare(first.src, first.tgt, device, scratch if spool else None)
     for plan in plans:
         plan.diagnostics.update(diagnostics)
     groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}
@@ -253,13 +264,15 @@ def adapted_modules(results: list[ModuleResult]) -> list[str]:
     return sorted({r.task.tgt.slot.module for r in results if r.skipped is None})
 
 
-def assemble(results: list[ModuleResult]) -> Iterator[tuple[str, LoraFactors]]:
+def assemble(results: list[ModuleResult], draws: int = 1) -> Iterator[tuple[str, LoraFactors]]:
     """``(target module path, its LoRA factors)`` in ``adapted_modules`` order, joining the roles
     of fused modules. Built one module at a time (parked factors are read back as needed), so
     writing them costs the memory of one module, not of the adapter.
 
     Several results for one target role (the ``merge`` layer map) add: their factors stack and
-    the sum is re-factorised to the largest of their ranks (``merge_updates``)."""
+    the sum is re-factorised to the largest of their ranks (``merge_updates``). ``results`` may
+    hold ``draws`` independent draws of the same plan one after the other; each then counts
+    ``1 / draws``, so that a role gets the mean of its draws' updates, cut to rank once."""
     by_slot: dict[str, tuple[Slot, dict[str, list[ModuleResult]]]] = {}
     for res in results:
         if res.skipped is not None:
@@ -271,9 +284,17 @@ def assemble(results: list[ModuleResult]) -> Iterator[tuple[str, LoraFactors]]:
         yield (
             module,
             join_roles(
-                slot, {role: merge_updates([r.factors for r in rs]) for role, rs in parts.items()}
+                slot,
+                {
+                    role: merge_updates([_share(r.factors, draws) for r in rs])
+                    for role, rs in parts.items()
+                },  # fmt: skip
             ),
         )
+
+
+def _share(f: LoraFactors, draws: int) -> LoraFactors:
+    return f if draws == 1 else LoraFactors(f.A, f.B / draws, f.scale)
 
 
 def merge_updates(parts: list[LoraFactors]) -> LoraFactors:

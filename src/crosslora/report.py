@@ -61,6 +61,16 @@ def build_report(
 def _fidelity_line(report: dict) -> str:
     """The measured agreement on the probe text, where the method measured it (``matched``)."""
     diag = report.get("method_diagnostics", {})
+    if "draws" in diag:
+        corr = [d["probe_effect"]["corr"] for d in diag["draws"] if "probe_effect" in d]
+        if not corr:
+            return ""
+        return (
+            f"- The mean of {len(diag['draws'])} transfers, each with its own text that the two "
+            f"base models\n  generated themselves (no data). Each draw's adapter, on its own "
+            f"text, correlates\n  {min(corr):.2f} to {max(corr):.2f} with the source adapter's "
+            f"effect on the target's log-likelihoods;\n  the mean's agreement was not measured.\n"
+        )
     eff = diag.get("probe_effect")
     if not eff:
         return ""

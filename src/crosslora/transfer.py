@@ -16,6 +16,7 @@ from crosslora.errors import CrossLoraError
 from crosslora.execute import (
     CACHE_MIN_ELEMENTS,
     BasisSettings,
+    ModuleResult,
     adapted_modules,
     assemble,
     execute_batch,
@@ -26,7 +27,7 @@ from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
 from crosslora.linalg import SVD_MODES
 from crosslora.memory import check_fits
-from crosslora.methods import DEFAULT_METHOD
+from crosslora.methods import DEFAULT_METHOD, METHODS
 from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve, resolve_batch
 from crosslora.report import build_report, model_card
 
@@ -47,6 +48,7 @@ class TransferOptions:
     cache: bool = True  # keep SVD bases in an on-disk cache shared by later transfers
     cache_dir: str | None = None  # None: $CROSSLORA_HOME/bases or ~/.cache/crosslora/bases
     cache_min_elements: int = CACHE_MIN_ELEMENTS  # smaller weights are not worth caching
+    draws: int = 1  # independent probe draws whose mean update is written (matched only)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +79,15 @@ def check_options(options: TransferOptions) -> torch.device:
         raise CrossLoraError(f"--dtype {options.dtype}: choose from {', '.join(DTYPES)}")
     if options.svd not in SVD_MODES:
         raise CrossLoraError(f"--svd {options.svd}: choose from {', '.join(SVD_MODES)}")
+    if options.draws < 1:
+        raise CrossLoraError(f"--draws {options.draws}: must be at least 1")
+    method = METHODS.get(options.method)
+    if options.draws > 1 and method is not None and not method.draws:
+        drawing = " and ".join(sorted(name for name, m in METHODS.items() if m.draws))
+        raise CrossLoraError(
+            f"--draws {options.draws}: only {drawing} draws probe text; {options.method} "
+            "gives the same adapter every time"
+        )
     return device
 
 
@@ -163,24 +174,57 @@ def run_plans(
     bases = BasisSettings(options.svd, cache, options.cache_min_elements)
     # finished factors wait on disk, in the output's filesystem, not in memory
     with Spool(output_filesystem(outs[0]), str(outs[0])) as spool:
-        all_results = execute_batch(batch, plans, device, progress, bases, spool)
+        draws = []  # per draw: per adapter, its results and the method's diagnostics
+        for draw in range(options.draws):
+            for plan in plans:
+                plan.diagnostics = {}
+            if options.draws > 1:
+                log.info("draw %d of %d", draw + 1, options.draws)
+            results = execute_batch(batch, plans, device, progress, bases, spool, draw)
+            draws.append([(r, dict(p.diagnostics)) for r, p in zip(results, plans)])
         seconds = time.perf_counter() - start
         extra = {"basis_cache": cache.stats()} if cache is not None else {}  # the invocation's
-        for results in all_results:  # refuse before writing anything
+        per_adapter = [_over_draws([d[i] for d in draws]) for i in range(len(plans))]
+        for results, _, _ in per_adapter:  # refuse before writing anything
             if not any(r.skipped is None for r in results):
                 first = next((r for r in results if r.skipped), None)
                 why = f" (first: {first.task.src.label}: {first.skipped})" if first else ""
                 raise CrossLoraError(f"every module was skipped{why}; nothing written")
-        return [
-            _write(inputs, plan, results, options, device, out, overwrite, seconds, extra)
-            for inputs, plan, results, out in zip(batch, plans, all_results, outs)
-        ]
+        out = []
+        for inputs, plan, (results, written, diagnostics), path in zip(
+            batch, plans, per_adapter, outs
+        ):
+            plan.diagnostics = diagnostics
+            out.append(_write(inputs, plan, results, written, options, device, path, overwrite,
+                              seconds, extra))  # fmt: skip
+        return out
+
+
+def _over_draws(draws: list[tuple[list[ModuleResult], dict]]) -> tuple:
+    """One adapter's draws -> (results to report, one per task; results to write, every draw's;
+    the method's diagnostics). With one draw, its own; with several, each task reports every
+    draw's diagnostics and is skipped only where every draw skipped it, and the method's
+    diagnostics are the list of the draws'."""
+    if len(draws) == 1:
+        ((results, diagnostics),) = draws
+        return results, results, diagnostics
+    report = []
+    for rs in zip(*(results for results, _ in draws)):
+        done = [r for r in rs if r.skipped is None]
+        report.append(ModuleResult(
+            rs[0].task, None,
+            {"draws": [r.diagnostics if r.skipped is None else {"skipped": r.skipped} for r in rs]},
+            sum(r.seconds for r in rs), None if done else rs[0].skipped,
+        ))  # fmt: skip
+    written = [r for results, _ in draws for r in results]
+    return report, written, {"draws": [diagnostics for _, diagnostics in draws]}
 
 
 def _write(
     inputs: Inputs,
     plan: TransferPlan,
-    results: list,
+    results: list[ModuleResult],
+    written: list[ModuleResult],
     options: TransferOptions,
     device: torch.device,
     out: Path,
@@ -196,7 +240,7 @@ def _write(
     }
     name_of = {m: _short_name(s, list(tgt.family.modules)) for m, s in suffix_of.items()}
     layer_of = {r.task.tgt.slot.module: r.task.tgt.layer for r in results}
-    selection = target_modules_for(adapted_modules(results), layer_of, name_of, tgt.num_layers)
+    selection = target_modules_for(adapted_modules(written), layer_of, name_of, tgt.num_layers)
     dtype = DTYPES[options.dtype] if options.dtype else inputs.adapter.dtype
     src_cfg = inputs.adapter.config
     metadata = {
@@ -208,7 +252,7 @@ def _write(
     }
     with staged_folder(out, overwrite) as tmp:
         write_adapter(
-            tmp, assemble(results),
+            tmp, assemble(written, options.draws),
             base_model=inputs.tgt_name,
             r=inputs.adapter.r,
             lora_alpha=inputs.adapter.lora_alpha,

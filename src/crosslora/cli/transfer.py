@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", choices=("float16", "bfloat16", "float32"),
         help="dtype of the written tensors (default: the source adapter's)",
     )  # fmt: skip
+    p.add_argument(
+        "--draws", type=int, default=1, metavar="N",
+        help="matched: run the transfer N times with independent probe text and write the mean "
+        "update, cut back to the adapter's rank (N times the time; default 1)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, layer_map=args.layer_map, truncation_rank=args.truncation_rank,
         device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, svd=args.svd,
         cache=not args.no_cache, cache_dir=str(args.cache_dir) if args.cache_dir else None,
+        draws=args.draws,
     )  # fmt: skip
     adapters = expand_adapters(args.adapter)
     several = len(adapters) > 1 or adapters != args.adapter
@@ -121,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
             if several:
                 print(f"adapter {inputs.adapter.path} -> {out}")
             print(plan.describe())
+            if options.draws > 1:
+                print(f"draws: {options.draws} (the transfer runs {options.draws} times with "
+                      "independent probe text; the mean update is written, at the adapter's "
+                      "rank)")  # fmt: skip
         return 0
     run_plans(batch, plans, options, device, outs, args.overwrite, not args.quiet)
     return 0

@@ -47,7 +47,7 @@ class Spool:
     naming ``label`` (the output). Use as a context manager, or ``close()``."""
 
     def __init__(self, folder: str | os.PathLike[str] | None = None, label: str = "") -> None:
-        self.label = label or str(folder or tempfile.gettempdir())
+        self.folder, self.label = folder, label or str(folder or tempfile.gettempdir())
         try:
             self._file = tempfile.TemporaryFile(prefix=".crosslora-spool-", dir=folder)
         except OSError as err:

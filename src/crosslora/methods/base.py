@@ -96,6 +96,8 @@ class Method:
     default_layer_map: ClassVar[str] = "index"
     truncates: ClassVar[bool] = False  # whether --truncation-rank applies
     then: ClassVar[str | None] = None  # what ``calibrate`` does after the modules, for the plan
+    draws: ClassVar[bool] = False  # whether the method draws random probe text (``--draws``)
+    draw: int = 0  # which independent draw this run is (0, 1, ...), for a method that draws
 
     def prepare(
         self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None

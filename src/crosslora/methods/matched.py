@@ -64,6 +64,12 @@ Cost: both models are loaded (float32) and run on the probe text, once per trans
 shares it); every regression is a Cholesky solve of an n × n Gram matrix in float64. The
 calibration runs the models over the probe text again: twice for the bases (shared by a batch),
 then per adapter once on the source and 2 + (number of roles) times on the target.
+
+Draws (``--draws N``): the probe text is one random draw, and where the maps send an adapter moves
+with it (docs/results.md: 0.05–0.38 of the gap between draws of one pair). With N > 1 the whole
+transfer runs N times, draw i with probe seed ``SEED + DRAW_STRIDE · i``, and the adapter written
+is the mean of the N updates, cut back to the adapter's rank (``execute.assemble``): N times the
+time, for an estimate whose draw-to-draw noise is averaged out.
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ N_TEXTS = 64  # probe texts, half sampled from each model
 CALIBRATION_TEXTS = 32  # of which the calibration reads (about 2,700 chunks)
 TEXT_TOKENS = 96  # new tokens per probe text
 SEED = 0
+DRAW_STRIDE = 100  # draw i samples its probe text with seed SEED + DRAW_STRIDE · i (``--draws``)
 MIN_POSITIONS = 256
 RUNTIME_BYTES = 1 << 30  # torch, the tokenizers, the forward passes: what `memory` does not count
 POST_NORM = {"o": "post_attn_norm", "down": "post_mlp_norm"}  # family fields (Gemma 2/3)
@@ -168,6 +175,7 @@ class Matched(Method):
     needs_weights = True
     default_layer_map = "merge"
     then = "calibrate each role's update by its effect on the probe text's likelihood"
+    draws = True
 
     def memory(self, src: Layout, tgt: Layout, device: torch.device) -> MemoryNeed:
         """Both models in float32 while the probe text is sampled and read and while the
@@ -199,7 +207,8 @@ class Matched(Method):
         tok_t = load_tokenizer(tgt.checkpoint.path, "target model")
         model_s = load_model(src.checkpoint.path, device, "source model")
         model_t = load_model(tgt.checkpoint.path, device, "target model")
-        texts = probe_texts(model_s, tok_s, model_t, tok_t, N_TEXTS, SEED,
+        seed = SEED + DRAW_STRIDE * self.draw
+        texts = probe_texts(model_s, tok_s, model_t, tok_t, N_TEXTS, seed,
                             bars=log.isEnabledFor(logging.INFO))  # fmt: skip
         batch_s, batch_t = align(texts, tok_s, tok_t)
         n = sum(len(p) for p in batch_s.positions)
@@ -221,7 +230,7 @@ class Matched(Method):
         self.base_ll: tuple[torch.Tensor, torch.Tensor] | None = None
         self.device = device
         self._fits: dict[tuple, tuple[int | None, int, object]] = {}
-        return {"probe_texts": len(texts), "probe_positions": n,
+        return {"probe_seed": seed, "probe_texts": len(texts), "probe_positions": n,
                 "probe_tokens_source": sum(len(i) for i in batch_s.ids),
                 "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
 
