@@ -66,10 +66,10 @@ calibration runs the models over the probe text again: twice for the bases (shar
 then per adapter once on the source and 2 + (number of roles) times on the target.
 
 Draws (``--draws N``): the probe text is one random draw, and where the maps send an adapter moves
-with it (docs/results.md: 0.05–0.38 of the gap between draws of one pair). With N > 1 the whole
-transfer runs N times, draw i with probe seed ``SEED + DRAW_STRIDE · i``, and the adapter written
-is the mean of the N updates, cut back to the adapter's rank (``execute.assemble``): N times the
-time, for an estimate whose draw-to-draw noise is averaged out.
+with it (docs/results.md: up to 0.14 of the gap between draws of one benchmark pair). With N > 1
+the whole transfer runs N times, draw i with probe seed ``SEED + DRAW_STRIDE · i``, and the
+adapter written is the mean of the N updates, cut back to the adapter's rank
+(``execute.assemble``): N times the time, for an estimate less subject to the draw.
 """
 
 from __future__ import annotations
