@@ -155,17 +155,20 @@ def execute_batch(
     it, gone when this returns. ``draw``: which independent draw this is, for a method that
     draws probe text (``Method.draws``).
     """
-    scratch = Spool(spool.folder, spool.label) if spool is not None else nullcontext()
-    with scratch:
-        return _execute(batch, plans, device, progress, bases, spool, draw, scratch)
+    with Spool(spool.folder, spool.label) if spool is not None else nullcontext() as scratch:
+        return _execute(batch, plans, device, progress, bases or BasisSettings(), spool, draw,
+                        scratch)  # fmt: skip
 
 
-def _execute(batch, plans, device, progress, bases, spool, draw, scratch):
-    bases = bases or BasisSettings()
+def _execute(
+    batch: list[Inputs], plans: list[TransferPlan], device: torch.device, progress: bool,
+    bases: BasisSettings, spool: Spool | None, draw: int, scratch: Spool | None,
+) -> list[list[ModuleResult]]:  # fmt: skip
+    """``execute_batch``'s work, with ``scratch`` the method's own spool."""
     method = get_method(plans[0].method)
     method.draw = draw
     first = batch[0]
-    diagnostics = method.prepare(first.src, first.tgt, device, scratch if spool else None)
+    diagnostics = method.prepare(first.src, first.tgt, device, scratch)
     for plan in plans:
         plan.diagnostics.update(diagnostics)
     groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}
