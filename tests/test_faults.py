@@ -240,15 +240,15 @@ def _pause_at(phase: str, marker: Path) -> None:
 
         peft_adapter.write_safetensors = write_safetensors
     elif phase == "rename":
-        real_fsync = output._fsync_tree
+        real_seal = output._seal
 
-        def fsync_tree(folder):
-            real_fsync(folder)
+        def seal(folder):
+            real_seal(folder)
             pause()
 
-        output._fsync_tree = fsync_tree
+        output._seal = seal
     elif phase == "between":
-        output._exchange = lambda a, b: False
+        output._renameat2 = lambda a, b, flags: False
         real_rename = os.rename
 
         def rename(a, b):
@@ -432,18 +432,22 @@ def test_sigkill_black_box(setup, tmp_path):
 
 
 def test_only_staging_of_dead_runs_is_removed(tmp_path):
-    """A staging folder is removed only once its run's process is gone (never a live run's)."""
-    from crosslora.io.output import _staging_prefix
+    """A staging folder is removed only once its run's process is gone (never a live run's), and
+    only if it holds crosslora's marker (never a folder of the user's that is merely named so)."""
+    from crosslora.io.output import MARKER, _make_staging
 
     out = tmp_path / "out"
     pid = os.fork()
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)  # now a dead process id
-    live = tmp_path / (_staging_prefix(out) + "live")
-    dead = tmp_path / (_staging_prefix(out).replace(f"-{os.getpid()}-", f"-{pid}-") + "dead")
+    live = _make_staging(out, "tmp")
+    dead = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{pid}-") + "dead")
+    shutil.copytree(live, dead)
+    unmarked = live.with_name(dead.name + "-mine")
+    unmarked.mkdir()
     other = tmp_path / ".other.tmp-x-1-y"
-    for folder in (live, dead, other):
-        folder.mkdir()
+    other.mkdir()
+    assert (dead / MARKER).is_file()
     assert remove_stale_staging(out) == [dead]
-    assert live.exists() and other.exists() and not dead.exists()
+    assert live.exists() and other.exists() and unmarked.exists() and not dead.exists()

@@ -244,7 +244,7 @@ def test_dry_run_writes_nothing_and_prints_the_plan(tiny_model, tiny_adapter, tm
     assert need.startswith("memory: about ") and need.endswith(" wait on disk)"), need
 
 
-def test_existing_output_is_refused_then_replaced_with_overwrite(
+def test_existing_output_is_refused_unless_crosslora_wrote_it(
     tiny_model, tiny_adapter, tmp_path, capsys
 ):
     out = tmp_path / "out"
@@ -261,8 +261,13 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(
     ]
     assert (out / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert main([*argv, "--overwrite", "-q"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+    assert main([*argv, "--overwrite", "-q"]) == 2  # not crosslora's: --overwrite refuses too
+    assert "it was not written by crosslora" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()  # empty: written into
+    assert main([*argv, "-q"]) == 0
+    assert main([*argv, "--overwrite", "-q"]) == 0  # crosslora's own: replaced
+    assert (out / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
 
 

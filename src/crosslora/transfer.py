@@ -22,13 +22,13 @@ from crosslora.execute import (
     execute_batch,
 )
 from crosslora.heap import return_large_frees
-from crosslora.io.output import check_output_path, output_filesystem, staged_folder
+from crosslora.io.output import OutputClaim, check_separate, claim_outputs, output_filesystem
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
 from crosslora.linalg import SVD_MODES
 from crosslora.memory import check_fits
 from crosslora.methods import DEFAULT_METHOD, METHODS
-from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve, resolve_batch
+from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve_batch
 from crosslora.report import build_report, model_card
 
 log = logging.getLogger("crosslora")
@@ -104,13 +104,9 @@ def transfer(
 
     Returns the transfer report (also written as ``transfer_report.json``).
     """
-    options = options or TransferOptions()
-    out = Path(out_path)
-    check_output_path(out, overwrite)
-    device = check_options(options)
-    inputs = resolve(adapter, source_model, target_model, options.allow_pickle)
-    plan = plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank, device)
-    return run_plans([inputs], [plan], options, device, [out], overwrite, progress)[0]
+    outs = [Path(out_path)]
+    return run_transfers([adapter], source_model, target_model, outs, options, overwrite,
+                         progress)[0]  # fmt: skip
 
 
 def batch_outputs(adapters: list[str], out_parent: str | Path) -> list[Path]:
@@ -138,17 +134,61 @@ def transfer_batch(
     """Transfer several adapters between one pair of models in one pass; each adapter goes to
     ``<out_parent>/<its folder name>/``. Every base weight is read, and every basis computed,
     once for all of them (and the method's preparation runs once). Returns the reports."""
-    options = options or TransferOptions()
     outs = batch_outputs(adapters, out_parent)
-    for out in outs:
-        check_output_path(out, overwrite)
+    return run_transfers(adapters, source_model, target_model, outs, options, overwrite, progress)
+
+
+def plan_transfers(
+    adapters: list[str], source_model: str, target_model: str, options: TransferOptions
+) -> tuple[list[Inputs], list[TransferPlan], torch.device]:
+    """Resolve the inputs (headers only) and plan each adapter's transfer; nothing is written."""
     device = check_options(options)
     batch = resolve_batch(adapters, source_model, target_model, options.allow_pickle)
     plans = [
         plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank, device)
         for inputs in batch
     ]
-    return run_plans(batch, plans, options, device, outs, overwrite, progress)
+    return batch, plans, device
+
+
+def run_transfers(
+    adapters: list[str],
+    source_model: str,
+    target_model: str,
+    outs: list[Path],
+    options: TransferOptions | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """The path every transfer takes: ``adapters[i]`` is written to ``outs[i]``.
+
+    Before any input is read, each output folder is checked against the inputs (never one of
+    them, inside one or containing one) and claimed (``io.output``); the inputs' resolved
+    folders are checked again once known. Returns the reports."""
+    options = options or TransferOptions()
+    check_options(options)
+    given = _input_paths(adapters, source_model, target_model, options)
+    for out in outs:
+        check_separate(out, given)
+    with claim_outputs(outs, overwrite) as claims:
+        batch, plans, device = plan_transfers(adapters, source_model, target_model, options)
+        resolved = [("adapter", inputs.adapter.path) for inputs in batch] + [
+            ("source model", batch[0].src.checkpoint.path),
+            ("target model", batch[0].tgt.checkpoint.path),
+        ]
+        for out in outs:
+            check_separate(out, resolved)
+        return run_plans(batch, plans, options, device, claims, progress)
+
+
+def _input_paths(
+    adapters: list[str], source_model: str, target_model: str, options: TransferOptions
+) -> list[tuple[str, str]]:
+    paths = [("adapter", str(a)) for a in adapters]
+    paths += [("source model", str(source_model)), ("target model", str(target_model))]
+    if options.cache:
+        paths.append(("basis cache", str(options.cache_dir or default_cache_dir())))
+    return paths
 
 
 def basis_cache(options: TransferOptions) -> BasisCache | None:
@@ -162,11 +202,11 @@ def run_plans(
     plans: list[TransferPlan],
     options: TransferOptions,
     device: torch.device,
-    outs: list[Path],
-    overwrite: bool,
+    claims: list[OutputClaim],
     progress: bool,
 ) -> list[dict]:
     start = time.perf_counter()
+    outs = [claim.out for claim in claims]
     if plans[0].memory:  # the plans share one pair of models, and the method's preparation
         check_fits(plans[0].memory, device, plans[0].method, output_filesystem(outs[0]))
     return_large_frees()  # peak memory flat in the number of layers (glibc heap fragmentation)
@@ -191,12 +231,12 @@ def run_plans(
                 why = f" (first: {first.task.src.label}: {first.skipped})" if first else ""
                 raise CrossLoraError(f"every module was skipped{why}; nothing written")
         out = []
-        for inputs, plan, (results, written, diagnostics), path in zip(
-            batch, plans, per_adapter, outs
+        for inputs, plan, (results, written, diagnostics), claim in zip(
+            batch, plans, per_adapter, claims
         ):
             plan.diagnostics = diagnostics
-            out.append(_write(inputs, plan, results, written, options, device, path, overwrite,
-                              seconds, extra))  # fmt: skip
+            out.append(_write(inputs, plan, results, written, options, device, claim, seconds,
+                              extra))  # fmt: skip
         return out
 
 
@@ -227,8 +267,7 @@ def _write(
     written: list[ModuleResult],
     options: TransferOptions,
     device: torch.device,
-    out: Path,
-    overwrite: bool,
+    claim: OutputClaim,
     seconds: float,
     extra: dict,
 ) -> dict:
@@ -250,7 +289,8 @@ def _write(
         "crosslora_target_model": inputs.tgt_name,
         "crosslora_source_adapter": str(inputs.adapter.path),
     }
-    with staged_folder(out, overwrite) as tmp:
+    out = claim.given
+    with claim.staged() as tmp:
         write_adapter(
             tmp, assemble(written, options.draws),
             base_model=inputs.tgt_name,

@@ -6,11 +6,9 @@ import argparse
 from pathlib import Path
 
 from crosslora.cli import add_verbosity
-from crosslora.io.output import check_output_path
 from crosslora.layer_map import LAYER_MAPS
 from crosslora.methods import DEFAULT_METHOD, METHODS
-from crosslora.plan import plan_transfer, resolve, resolve_batch
-from crosslora.transfer import TransferOptions, batch_outputs, check_options, run_plans
+from crosslora.transfer import TransferOptions, batch_outputs, plan_transfers, run_transfers
 
 
 def truncation_rank(text: str) -> int | None:
@@ -77,7 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "update, cut back to the adapter's rank (N times the time; default 1)",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an output folder that crosslora wrote (unchanged since); any other "
+        "non-empty folder is refused",
+    )  # fmt: skip
     p.add_argument(
         "--allow-pickle", action="store_true",
         help="accept adapter_model.bin (loaded with torch.load(weights_only=True))",
@@ -111,26 +113,16 @@ def run(args: argparse.Namespace) -> int:
     several = len(adapters) > 1 or adapters != args.adapter
     outs = batch_outputs(adapters, args.out_path) if several else [args.out_path]
     if not args.dry_run:
-        for out in outs:
-            check_output_path(out, args.overwrite)
-    device = check_options(options)
-    if several:
-        batch = resolve_batch(adapters, args.source_model, args.target_model, options.allow_pickle)
-    else:
-        batch = [resolve(adapters[0], args.source_model, args.target_model, options.allow_pickle)]
-    plans = [
-        plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank, device)
-        for inputs in batch
-    ]
-    if args.dry_run:
-        for inputs, plan, out in zip(batch, plans, outs):
-            if several:
-                print(f"adapter {inputs.adapter.path} -> {out}")
-            print(plan.describe())
-            if options.draws > 1:
-                print(f"draws: {options.draws} (the transfer runs {options.draws} times with "
-                      "independent probe text; the mean update is written, at the adapter's "
-                      "rank)")  # fmt: skip
+        run_transfers(adapters, args.source_model, args.target_model, outs, options,
+                      args.overwrite, not args.quiet)  # fmt: skip
         return 0
-    run_plans(batch, plans, options, device, outs, args.overwrite, not args.quiet)
+    batch, plans, _ = plan_transfers(adapters, args.source_model, args.target_model, options)
+    for inputs, plan, out in zip(batch, plans, outs):
+        if several:
+            print(f"adapter {inputs.adapter.path} -> {out}")
+        print(plan.describe())
+        if options.draws > 1:
+            print(f"draws: {options.draws} (the transfer runs {options.draws} times with "
+                  "independent probe text; the mean update is written, at the adapter's "
+                  "rank)")  # fmt: skip
     return 0
