@@ -3,6 +3,7 @@ adapters on them (made by ``peft`` itself, with B ≠ 0)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,13 @@ def tiny_model(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+def model_copy(model: Path, dst: Path) -> Path:
+    """``model`` copied to ``dst``: the same weights in files of their own. crosslora refuses to
+    transfer between a model and itself except with --method copy; a copy is another model."""
+    shutil.copytree(model, dst)
+    return dst
 
 
 def family_modules(name: str) -> list[str]:

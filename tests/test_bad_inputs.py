@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +259,103 @@ def truncated_model(env: Env) -> Path:
     return m
 
 
+def fifo(env: Env, folder: Path, name: str) -> Path:
+    """``folder`` with file ``name`` replaced by a FIFO that nothing writes to. Should a reader
+    block on it anyway, a helper opens and closes its other end every few seconds, so that the
+    reader sees an empty file and the case fails instead of hanging the suite."""
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    stop = threading.Event()
+
+    def unblock() -> None:
+        while not stop.wait(5):
+            with contextlib.suppress(OSError):  # ENXIO while no reader has it open
+                os.close(os.open(folder / name, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    env.stack.callback(stop.set)
+    return folder
+
+
+def dev_zero(folder: Path, name: str) -> Path:
+    """``folder`` with file ``name`` a symlink to /dev/zero (endless zeros)."""
+    (folder / name).unlink()
+    (folder / name).symlink_to("/dev/zero")
+    return folder
+
+
+def no_weights_model(env: Env) -> Path:
+    m = env.inputs / "noweights"
+    m.mkdir()
+    shutil.copy(env.model / "config.json", m)
+    return m
+
+
+def weight(key: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    """A tensors edit: ``model.layers.0.<key>.weight`` replaced by ``value(old)``."""
+    name = f"model.layers.0.{key}.weight"
+    return lambda ts: ts.update({name: value(ts[name])})
+
+
+def not_utf8(env: Env, src: Path, name: bytes) -> Path:
+    """A copy of ``src`` in a folder whose name is not valid UTF-8 (as Python spells it: with
+    surrogate escapes)."""
+    dst = Path(os.fsdecode(os.fsencode(env.inputs) + b"/" + name))
+    shutil.copytree(src, dst)
+    return dst
+
+
+def raw_config(env: Env, edit: Callable[[str], str]) -> Path:
+    """A copy of the adapter whose config text is ``edit(text)`` (JSON that json.dumps would not
+    write, e.g. a lone surrogate escape)."""
+    ad = env.copy_adapter()
+    path = ad / CONFIG
+    text = edit(path.read_text())
+    assert text != path.read_text(), "the edit found nothing to change"
+    path.write_text(text, encoding="ascii")
+    return ad
+
+
+def quick_patterns(env: Env) -> None:
+    """Pattern matching gives up after 1 s in these cases (10 s by default)."""
+    from crosslora.io import patterns
+
+    env.stack.callback(setattr, patterns, "LIMIT_SECONDS", patterns.LIMIT_SECONDS)
+    patterns.LIMIT_SECONDS = 1.0
+
+
+SLOW = "(.+)+X"  # exponential backtracking in re against any module name (it has no X)
+
+
+def slow_pattern(env: Env, **fields) -> Path:
+    quick_patterns(env)
+    return env.copy_adapter(lambda c: c.update(**fields))
+
+
+def extra_layer_adapter(env: Env) -> Path:
+    """The adapter with its layer 1 modules repeated as layer 5 (the source has 2 layers)."""
+    return env.copy_adapter(tensors=lambda ts: ts.update(
+        {k.replace(".layers.1.", ".layers.5."): v.clone() for k, v in ts.items()
+         if ".layers.1." in k}))  # fmt: skip
+
+
+def linked_model(env: Env, how: str) -> Path:
+    """The tiny model again: the same folder through a symlink, or a folder of its own whose
+    weights file is a hard link to the model's."""
+    where = env.inputs / f"{how}-model"
+    if how == "symlink":
+        where.symlink_to(env.model, target_is_directory=True)
+        return where
+    where.mkdir()
+    shutil.copy(env.model / "config.json", where)
+    os.link(env.model / "model.safetensors", where / "model.safetensors")
+    return where
+
+
+SAME = "the source and target models are the same model"
+ALREADY = "the adapter already fits it; use it as it is (or pass --method copy to copy it)"
+
+
 CASES: dict[str, Case] = {
     # adapter folder and config
     "adapter-folder-missing": E(lambda e: (e.argv(adapter=e.inputs / "nope"),
@@ -433,6 +531,128 @@ CASES: dict[str, Case] = {
         e.argv(src=e.tiny_model("qwen2")),
         "adapter does not fit the source model: model.layers.0.mlp.down_proj has ΔW shape "
         "(32, 64), the source weight is (40, 72)")),
+    # files that are not regular files (a FIFO blocks its reader, /dev/zero never ends)
+    "model-weights-fifo": E(lambda e: (
+        e.argv(src=(m := fifo(e, e.copy_model(), "model.safetensors"))),
+        f"source model: {m / 'model.safetensors'} is a FIFO, not a regular file"),
+        subprocess=True),
+    "model-config-fifo": E(lambda e: (
+        e.argv(tgt=(m := fifo(e, e.copy_model(), "config.json"))),
+        f"target model: {m / 'config.json'} is a FIFO, not a regular file")),
+    "model-tokenizer-fifo-for-anchored": E(lambda e: (
+        e.argv(tgt=(m := fifo(e, e.copy_model(), "tokenizer.json")), method="anchored"),
+        f"target model: {m / 'tokenizer.json'} is a FIFO, not a regular file")),
+    "model-weights-symlink-to-dev-zero": E(lambda e: (
+        e.argv(src=(m := dev_zero(e.copy_model(), "model.safetensors"))),
+        f"{m / 'model.safetensors'} is a character device, not a regular file")),
+    "adapter-weights-fifo": E(lambda e: (
+        e.argv(adapter=(a := fifo(e, e.copy_adapter(), WEIGHTS))),
+        f"{a / WEIGHTS}: cannot read: a FIFO, not a regular file")),
+    "adapter-config-fifo": E(lambda e: (
+        e.argv(adapter=(a := fifo(e, e.copy_adapter(), CONFIG))),
+        f"adapter config: cannot read {a / CONFIG}: a FIFO, not a regular file")),
+    "adapter-weights-symlink-to-dev-zero": E(lambda e: (
+        e.argv(adapter=(a := dev_zero(e.copy_adapter(), WEIGHTS))),
+        f"{a / WEIGHTS}: cannot read: a character device, not a regular file")),
+    "adapter-pickle-fifo": E(lambda e: (
+        e.argv(fifo(e, pickle_adapter(e, {}), "adapter_model.bin"), None, None, None, "copy",
+               "--allow-pickle"),
+        "adapter_model.bin: cannot read: a FIFO, not a regular file")),
+    # models without weights, empty or integer weights, layer counts that disagree
+    "model-config-without-weights": E(lambda e: (
+        e.argv(src=(m := no_weights_model(e))),
+        f"source model: no model.safetensors in {m} (the folder has a config.json and no "
+        "weights)")),
+    "model-weight-zero-rows": E(lambda e: (
+        e.argv(src=e.copy_model(tensors=weight("self_attn.q_proj", lambda w: w[:0]))),
+        "source model: model.layers.0.self_attn.q_proj.weight has shape (0, 32), an empty "
+        "matrix")),
+    "model-weight-zero-columns-in-the-target": E(lambda e: (
+        e.argv(tgt=e.copy_model(tensors=weight("self_attn.k_proj", lambda w: w[:, :0]))),
+        "target model: model.layers.0.self_attn.k_proj.weight has shape (16, 0), an empty "
+        "matrix")),
+    "model-integer-weights": E(lambda e: (
+        e.argv(src=e.copy_model(tensors=weight("mlp.up_proj", lambda w: w.to(torch.int32))),
+               method="crop-pad"),
+        "source model: model.layers.0.mlp.up_proj.weight has dtype I32, not a float type")),
+    "model-uint8-weights-in-the-target": E(lambda e: (
+        e.argv(tgt=e.copy_model(tensors=weight("self_attn.o_proj", lambda w: w.to(torch.uint8)))),
+        "target model: model.layers.0.self_attn.o_proj.weight has dtype U8, not a float type")),
+    "model-config-fewer-layers-than-the-weights": E(lambda e: (
+        e.argv(src=(m := e.copy_model(lambda c: c.update(num_hidden_layers=1)))),
+        f"source model: {m / 'config.json'} says num_hidden_layers=1, but its weights have 2 "
+        "layers (0-1)")),
+    "model-config-more-layers-than-the-weights": E(lambda e: (
+        e.argv(tgt=(m := e.copy_model(lambda c: c.update(num_hidden_layers=3)))),
+        f"target model: {m / 'config.json'} says num_hidden_layers=3, but its weights have 2 "
+        "layers (0-1)")),
+    "target-model-folder-name-not-utf8": E(lambda e: (
+        e.argv(tgt=not_utf8(e, e.model, b"model\xfe")),
+        f"target model {e.inputs}/model\\xfe: the path is not valid UTF-8")),
+    # adapter config values the output copies, names it records
+    "config-task-type-unknown": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(task_type="CAUSAL_LMX"))),
+        "task_type 'CAUSAL_LMX' is not a PEFT task type (one of SEQ_CLS,")),
+    "config-lone-surrogate-in-a-field": E(lambda e: (
+        e.argv(adapter=(a := raw_config(e, lambda t: t.replace(
+            '"task_type": null', '"task_type": "\\ud800"')))),
+        f"adapter config: {a / CONFIG}: field 'task_type' ('\\ud800') is not Unicode text")),
+    "config-lone-surrogate-in-a-key": E(lambda e: (
+        e.argv(adapter=raw_config(e, lambda t: t.replace(
+            '"rank_pattern": {}', '"rank_pattern": {"q_\\udc00": 2}'))),
+        "key 'q_\\udc00' of field 'rank_pattern' is not Unicode text")),
+    "adapter-folder-name-not-utf8": E(lambda e: (
+        e.argv(adapter=not_utf8(e, e.adapter, b"ad\xff")),
+        f"adapter {e.inputs}/ad\\xff: the path is not valid UTF-8, and the output records it")),
+    "config-lora-alpha-zero": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(lora_alpha=0))),
+        "adapter config: lora_alpha must be positive, got 0")),
+    "config-lora-alpha-negative": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(lora_alpha=-8))),
+        "adapter config: lora_alpha must be positive, got -8")),
+    # patterns that backtrack catastrophically (re cannot be interrupted: bounded in io/patterns)
+    "rank-pattern-catastrophic-backtracking": E(lambda e: (
+        e.argv(adapter=slow_pattern(e, rank_pattern={"q_proj": 4, SLOW: 2})),
+        f"adapter config: rank_pattern key '{SLOW}' did not finish matching module "
+        "'model.layers.0.mlp.down_proj' in 1 s")),
+    "alpha-pattern-catastrophic-backtracking": E(lambda e: (
+        e.argv(adapter=slow_pattern(e, alpha_pattern={SLOW: 2})),
+        f"adapter config: alpha_pattern key '{SLOW}' did not finish matching module")),
+    "target-modules-regex-catastrophic-backtracking": E(lambda e: (
+        e.argv(adapter=slow_pattern(e, target_modules=SLOW)),
+        f"adapter config: target_modules '{SLOW}' did not finish matching module")),
+    "rank-pattern-key-fails-as-peft-runs-it": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(rank_pattern={"(?i)q_proj": 4}))),
+        "adapter config: rank_pattern key '(?i)q_proj' is not a regex")),
+    # an adapter that names layers the source lacks; layers_to_transform
+    "adapter-layers-beyond-the-source": E(lambda e: (
+        e.argv(adapter=extra_layer_adapter(e)),
+        "adapter key base_model.model.model.layers.5.mlp.down_proj.lora_A.weight: layer 5 is "
+        "beyond the source model's 2 layers (0-1)")),
+    "layers-to-transform-out-of-range": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(layers_to_transform=[0, 1, 5]))),
+        "adapter config: layers_to_transform names layer 5, outside the source model's layers "
+        "0-1")),
+    "layers-to-transform-int-out-of-range": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(layers_to_transform=2))),
+        "layers_to_transform names layer 2, outside the source model's layers 0-1")),
+    "layers-to-transform-negative": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(layers_to_transform=-1))),
+        "adapter config: layers_to_transform must be >= 0, got -1")),
+    "layers-to-transform-leaves-out-an-adapted-layer": E(lambda e: (
+        e.argv(adapter=e.copy_adapter(lambda c: c.update(layers_to_transform=[1]))),
+        "adapter module model.layers.0.mlp.down_proj has weights, but its layer 0 is not in "
+        "layers_to_transform (1)")),
+    # the source is the target: the adapter already fits (only --method copy may copy it)
+    "same-model-cross-lora": E(lambda e: (
+        e.argv(method="cross-lora"), f"{SAME} ({e.model}): {ALREADY}"), subprocess=True),
+    "same-model-through-a-symlink": E(lambda e: (
+        e.argv(tgt=(t := linked_model(e, "symlink")), method="anchored"),
+        f"{SAME} ({e.model} and {t}): {ALREADY}")),
+    "same-weights-file-hard-linked": E(lambda e: (
+        e.argv(src=(s := linked_model(e, "hardlink")), method="crop-pad"),
+        f"{SAME} ({s} and {e.model}): {ALREADY}")),
+    "same-model-lora-x": E(lambda e: (e.argv(method="lora-x"), f"{SAME} ({e.model})")),
     # output path
     "output-parent-missing-is-not-created": E(lambda e: (
         e.argv(adapter=e.inputs / "nope", out=e.work / "new" / "sub" / "out"),

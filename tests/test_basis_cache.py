@@ -211,19 +211,21 @@ def test_base_weights_are_read_shard_by_shard_and_not_kept(tiny_model, tiny_adap
         save_file({n: weights[n] for n in names if shards[n] == shard}, src / shard,
                   metadata={"format": "pt"})  # fmt: skip
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    same = tmp_path / "same"  # the target: a copy (the model itself is refused but for copy)
+    shutil.copytree(src, same)
     reads, alive = [], []
     original = Checkpoint.get
 
     def get(self, name):
         t = original(self, name)
-        if self.path == src and "proj" in name:
+        if self.path in (src, same) and "proj" in name:
             reads.append(shards[name])
             alive.append(weakref.ref(t))
         return t
 
     monkeypatch.setattr(Checkpoint, "get", get)
     adapter = tiny_adapter("llama-deep")
-    transfer(str(adapter), str(src), str(src), tmp_path / "out",
+    transfer(str(adapter), str(src), str(same), tmp_path / "out",
              TransferOptions(method="cross-lora", cache=False), progress=False)  # fmt: skip
     assert reads == sorted(reads)  # shard order, each shard once
     assert len(reads) == 2 * 4 * 7  # once per role and model (4 layers x 7 roles, both sides)

@@ -337,10 +337,9 @@ def setup(tiny_model, tiny_adapter, tmp_path):
 
 
 def previous_output(model: Path, adapter: Path, out: Path) -> dict[str, bytes]:
-    """A complete earlier output (a crop-pad transfer, so that it differs from the copy)."""
-    argv = transfer_argv(adapter, model, out)
-    argv[argv.index("copy")] = "crop-pad"
-    assert main(argv) == 0
+    """A complete earlier output (a bfloat16 copy, so that it differs from the float32 copy;
+    another method onto the same model is refused)."""
+    assert main([*transfer_argv(adapter, model, out), "--dtype", "bfloat16"]) == 0
     return snapshot(out)
 
 

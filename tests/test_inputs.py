@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_model, delta_weights, load_with_adapter, make_adapter
+from conftest import build_model, delta_weights, load_with_adapter, make_adapter, model_copy
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
@@ -54,10 +54,11 @@ def test_peft_config_fields_are_honoured(lora_kwargs, tiny_model, tmp_path):
     for name in want:
         assert torch.equal(got[name], want[name]), name
     # and a transfer to another family keeps each module's scale (here: full-rank cross-lora
-    # onto the same model, which must reproduce ΔW through the written rank/alpha patterns)
-    out2 = tmp_path / "out2"
+    # onto a copy of the same model, which must reproduce ΔW through the written rank/alpha
+    # patterns)
+    out2, same = tmp_path / "out2", model_copy(model, tmp_path / "same")
     assert (
-        run(*transfer_argv(adapter, model, model, out2, "cross-lora"), "--truncation-rank", "full")
+        run(*transfer_argv(adapter, model, same, out2, "cross-lora"), "--truncation-rank", "full")
         == 0
     )
     got2 = delta_weights(load_with_adapter(model, out2))

@@ -73,7 +73,7 @@ def test_spool_returns_what_was_parked_and_leaves_no_file(tmp_path):
 def test_parked_results_equal_held_results(method, tiny_model, tiny_adapter, tmp_path):
     """With a spool, results hold file offsets, not tensors; read back they are the same."""
     name = "llama"
-    inputs = resolve(str(tiny_adapter(name)), str(tiny_model(name)), str(tiny_model(name)))
+    inputs = resolve(str(tiny_adapter(name)), str(tiny_model(name)), str(tiny_model("llama-twin")))
     plan = plan_transfer(inputs, method, None, 8)
     held = execute_batch([inputs], [plan], torch.device("cpu"), progress=False)[0]
     with Spool(tmp_path) as spool:

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import TOKENS, delta_weights, load_with_adapter
+from conftest import TOKENS, delta_weights, load_with_adapter, model_copy
 from crosslora.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -54,8 +54,9 @@ def test_cross_lora_at_full_rank_onto_the_same_model_reproduces_delta_w(
     family, tiny_model, tiny_adapter, tmp_path
 ):
     model, adapter = tiny_model(family), tiny_adapter(family)
+    same = model_copy(model, tmp_path / "same")  # the model itself is refused (not copy)
     out = transfer(
-        adapter, model, model, tmp_path / "out", "cross-lora", "--truncation-rank", "full"
+        adapter, model, same, tmp_path / "out", "cross-lora", "--truncation-rank", "full"
     )
     want = delta_weights(load_with_adapter(model, adapter))
     got = delta_weights(load_with_adapter(model, out))
@@ -69,7 +70,8 @@ def test_cross_lora_at_the_papers_rank_is_not_the_identity_on_non_square_modules
 ):
     """Truncation really truncates: k=8 < 32 loses part of every update (the report says how much)."""
     model, adapter = tiny_model("llama"), tiny_adapter("llama")
-    out = transfer(adapter, model, model, tmp_path / "out", "cross-lora", "--truncation-rank", "8")
+    same = model_copy(model, tmp_path / "same")
+    out = transfer(adapter, model, same, tmp_path / "out", "cross-lora", "--truncation-rank", "8")
     report = json.loads((out / "transfer_report.json").read_text())
     kept = [m["diagnostics"]["norm_kept"] for m in report["modules"]]
     assert all(0 < k < 0.999 for k in kept)

@@ -88,7 +88,25 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmap(result: dict, path: Path) -> None:
+def check_png_path(path: Path) -> str:
+    """The image format ``path`` names (its extension; none: png), checked before any work:
+    matplotlib must be installed and able to write it."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as err:
+        raise CrossLoraError("--png needs matplotlib: pip install 'crosslora[plot]'") from err
+    fmt = path.suffix.removeprefix(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise CrossLoraError(
+            f"--png {path}: matplotlib cannot write .{fmt} files (use .png, or one of "
+            f"{', '.join(sorted(formats))})"
+        )
+    return fmt
+
+
+def plot_heatmap(result: dict, path: Path, fmt: str | None = None) -> None:
+    """The heatmap, written to ``path`` (as ``fmt``, else as its extension says)."""
     try:
         import matplotlib
     except ImportError as err:
@@ -110,5 +128,7 @@ def plot_heatmap(result: dict, path: Path) -> None:
                  f"({result['anchors']['shared_tokens']} shared tokens)", fontsize=9)  # fmt: skip
     fig.colorbar(im, ax=ax, label="1 − fit residual")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format=fmt)
+    finally:
+        plt.close(fig)

@@ -129,6 +129,38 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
+def _check_adapter_layers(adapter: Adapter, src: Layout) -> None:
+    """Every adapted layer is one the source model has, and one that ``layers_to_transform``
+    (where given) lists: else part of the adapter would be dropped without a word."""
+    n = src.num_layers
+    parsed = sorted((p[0], name) for name in adapter.modules if (p := src.parse_module(name)))
+    beyond = [(layer, name) for layer, name in parsed if layer >= n]
+    if beyond:
+        layer, name = beyond[0]
+        raise CrossLoraError(
+            f"adapter key {adapter.modules[name].a_key}: layer {layer} is beyond the source "
+            f"model's {n} layers (0-{n - 1}); is --source-model the model the adapter was "
+            "trained on?"
+        )
+    layers = adapter.config.get("layers_to_transform")
+    if layers is None:
+        return
+    wanted = {layers} if isinstance(layers, int) else set(layers)
+    outside = sorted(x for x in wanted if x >= n)
+    if outside:
+        raise CrossLoraError(
+            f"adapter config: layers_to_transform names layer {outside[0]}, outside the source "
+            f"model's layers 0-{n - 1}"
+        )
+    unlisted = [(layer, name) for layer, name in parsed if layer not in wanted]
+    if unlisted:
+        layer, name = unlisted[0]
+        raise CrossLoraError(
+            f"adapter module {name} has weights, but its layer {layer} is not in "
+            f"layers_to_transform ({_ranges(sorted(wanted))})"
+        )
+
+
 def plan_transfer(
     inputs: Inputs,
     method: str,
@@ -143,6 +175,13 @@ def plan_transfer(
     if truncation_rank is not None and truncation_rank <= 0:
         raise CrossLoraError(f"--truncation-rank must be positive, got {truncation_rank}")
     src, tgt, adapter = inputs.src, inputs.tgt, inputs.adapter
+    if method != "copy" and src.checkpoint.same_model(tgt.checkpoint):
+        paths = {str(src.checkpoint.path): None, str(tgt.checkpoint.path): None}
+        raise CrossLoraError(
+            f"the source and target models are the same model ({' and '.join(paths)}): the "
+            "adapter already fits it; use it as it is (or pass --method copy to copy it)"
+        )
+    _check_adapter_layers(adapter, src)
     lmap = map_layers(layer_map, src.num_layers, tgt.num_layers)
     tasks: list[ModuleTask] = []
     skipped: list[Skip] = []

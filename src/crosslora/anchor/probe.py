@@ -110,10 +110,12 @@ class Activations:
 
 
 def load_model(path: Path, device: torch.device, what: str):
-    from transformers import AutoModelForCausalLM
+    from crosslora.io.pretrained import load_causal_lm
 
-    try:  # never trust_remote_code
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    try:  # never code from the model's folder: trust_remote_code=False
+        model = load_causal_lm(path, what, dtype=torch.float32)
+    except CrossLoraError:
+        raise
     except Exception as err:
         raise CrossLoraError(
             f"{what}: transformers cannot load {path} ({type(err).__name__}: {err})"

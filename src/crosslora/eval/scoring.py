@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from crosslora.errors import CrossLoraError
 from crosslora.eval.tasks import Item
 
 STRATEGIES = ("auto", "flat", "shared")
@@ -73,7 +74,7 @@ class Encoder:
             tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         )
         if self.prefix_token_id is None:
-            raise ValueError("tokenizer has neither a BOS nor an EOS token")
+            raise CrossLoraError("the model's tokenizer has neither a BOS nor an EOS token")
         self._prefix_text = tokenizer.decode(self.prefix_token_id)
 
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
@@ -124,7 +125,17 @@ def model_max_length(model, tokenizer) -> int:
     return _DEFAULT_MAX_LENGTH
 
 
-def _groups(items: Sequence[Item], encoder: Encoder) -> list[_Group]:
+def _tail(text: str, n: int = 30) -> str:
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def check_items(items: Sequence[Item], tokenizer, desc: str | None = None) -> None:
+    """Tokenise every request as ``score_items`` will, without a model: a continuation that
+    encodes to no tokens is one ``CrossLoraError`` naming the item and choice."""
+    _groups(items, Encoder(tokenizer, None, max_length=1 << 40), desc)
+
+
+def _groups(items: Sequence[Item], encoder: Encoder, desc: str | None = None) -> list[_Group]:
     """Requests grouped by (item, context tokens); each distinct context is encoded once."""
     groups: list[_Group] = []
     for i, item in enumerate(items):
@@ -141,7 +152,13 @@ def _groups(items: Sequence[Item], encoder: Encoder) -> list[_Group]:
                 cont = encoder.encode(context + continuation)[len(ctx) :]
             else:
                 ctx, cont = encoder.encode_pair(context, continuation)
-            ctx = encoder.truncate(ctx, cont)
+            try:
+                ctx = encoder.truncate(ctx, cont)
+            except ValueError as err:  # the task's data, not a bug: say which item and choice
+                raise CrossLoraError(
+                    f"{desc + ' ' if desc else ''}item {item.id} choice {j} "
+                    f"({continuation!r} after {_tail(context)!r}): {err}"
+                ) from err
             key = tuple(ctx)
             if key not in by_context:
                 by_context[key] = _Group(ctx, [])
@@ -306,7 +323,7 @@ def score_items(
         device = next(model.parameters()).device
     device = torch.device(device)
     encoder = Encoder(tokenizer, add_special_tokens, model_max_length(model, tokenizer))
-    groups = _groups(items, encoder)
+    groups = _groups(items, encoder, desc)
     window = _sliding_window(model)
     budget = max(1, _LOGITS_BUDGET_BYTES // (4 * _vocab_size(model)))
 

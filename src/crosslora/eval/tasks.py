@@ -102,25 +102,95 @@ class TaskSpec:
     @classmethod
     def from_json(cls, path: str | Path) -> TaskSpec:
         """A task from a JSON file; relative ``files`` paths are relative to that file."""
+        from crosslora.io.files import open_regular
+
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
+            with open_regular(path) as fh:  # not a FIFO or a device: they would block or not end
+                raw = json.loads(fh.read().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as err:
             raise CrossLoraError(f"cannot read task file {path}: {err}") from err
+        if not isinstance(raw, dict):
+            raise CrossLoraError(
+                f"task file {path} must hold a JSON object (got a {type(raw).__name__}); "
+                "see crosslora.eval.tasks.TaskSpec for its keys"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise CrossLoraError(f"task file {path}: unknown keys {', '.join(unknown)}")
+            raise CrossLoraError(
+                f"task file {path}: unknown keys {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        _check_task_fields(raw, path)
         for key in ("choices", "splits", "lm_eval_metrics", "hub"):
             if isinstance(raw.get(key), list):
                 raw[key] = tuple(raw[key])
-        raw["files"] = {s: str(path.parent / f) for s, f in raw.get("files", {}).items()}
+        raw["files"] = {
+            s: str(path.parent / Path(f).expanduser()) for s, f in raw.get("files", {}).items()
+        }
         if "splits" not in raw and raw["files"]:
             raw["splits"] = tuple(raw["files"])
         try:
             return cls(**raw)
         except TypeError as err:
             raise CrossLoraError(f"task file {path}: {err}") from err
+
+
+GOLD_FORMATS = ("index", "index1", "label", "bool")
+_OPTIONAL_STR = ("gold_labels", "preprocess", "id_field", "local", "test_requests",
+                 "requests_query_field", "lm_eval_task")  # fmt: skip
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _check_task_fields(raw: dict[str, Any], path: Path) -> None:
+    """Every key of a task file has the type ``TaskSpec`` expects, or one line names it."""
+
+    def bad(key: str, want: str) -> CrossLoraError:
+        value = json.dumps(raw[key])
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return CrossLoraError(f"task file {path}: {key} must be {want} (got {value})")
+
+    missing = [k for k in ("name", "text", "choices", "gold") if k not in raw]
+    if missing:
+        raise CrossLoraError(f"task file {path}: missing keys {', '.join(missing)}")
+    for key in ("name", "text", "gold", "target_delimiter"):
+        if key in raw and not isinstance(raw[key], str):
+            raise bad(key, "a string")
+    if not raw["name"].strip():
+        raise bad("name", "a non-empty string")
+    for key in _OPTIONAL_STR:
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise bad(key, "a string or null")
+    if not (isinstance(raw["choices"], str) or _is_str_list(raw["choices"])):
+        raise bad("choices", "a field name or a non-empty list of templates")
+    if raw.get("gold_format", "index") not in GOLD_FORMATS:
+        raise bad("gold_format", f"one of {', '.join(GOLD_FORMATS)}")
+    if raw.get("gold_format") == "label" and not isinstance(raw.get("gold_labels"), str):
+        raise CrossLoraError(f"task file {path}: gold_format label needs gold_labels (a field)")
+    if raw.get("preprocess") is not None and raw["preprocess"] not in PREPROCESSORS:
+        raise bad("preprocess", f"null or one of {', '.join(PREPROCESSORS)}")
+    if not isinstance(raw.get("multiple_input", False), bool):
+        raise bad("multiple_input", "true or false")
+    for key in ("splits", "lm_eval_metrics"):
+        if key in raw and not _is_str_list(raw[key]):
+            raise bad(key, "a non-empty list of strings")
+    files = raw.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(s, str) and isinstance(f, str) and f for s, f in files.items()
+    ):
+        raise bad("files", 'an object {"split": "data.jsonl"}')
+    hub = raw.get("hub")
+    if hub is not None and not (
+        isinstance(hub, list) and len(hub) == 2 and isinstance(hub[0], str)
+        and (hub[1] is None or isinstance(hub[1], str))
+    ):  # fmt: skip
+        raise bad("hub", '["dataset path", "config name" or null]')
+    if not files and not any(raw.get(k) for k in ("local", "test_requests", "hub")):
+        raise CrossLoraError(f"task file {path}: no data: give files (split -> JSON-lines file)")
 
 
 # --- the two preprocessors lm-eval has for these tasks ------------------------------------------
@@ -282,26 +352,39 @@ def resolve_tasks(names: str | Sequence[str | TaskSpec] | None, split: str) -> l
         if left_out:
             log.info("no %s split for %s: left out", split, ", ".join(left_out))
         return specs
-    specs = []
-    for name in names:
-        if isinstance(name, TaskSpec):
-            specs.append(name)
-        elif name.endswith(".json"):
-            specs.append(TaskSpec.from_json(name))
-        elif name in TASKS:
-            specs.append(TASKS[name])
-        else:
-            raise CrossLoraError(
-                f"unknown task {name!r}; known: {', '.join(TASKS)} (or a task .json file)"
-            )
-    missing = [t.name for t in specs if split not in t.splits]
+    specs = [resolve_task(name) for name in names]
+    if not specs:
+        raise CrossLoraError("no task given")
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise CrossLoraError(f"task {spec.name} is given twice")
+        seen.add(spec.name)
+    check_split(specs, split)
+    return specs
+
+
+def resolve_task(name: str | TaskSpec) -> TaskSpec:
+    """A built-in task's name, or a ``.json`` task file, to its spec."""
+    if isinstance(name, TaskSpec):
+        return name
+    if name.endswith(".json"):
+        return TaskSpec.from_json(name)
+    if name in TASKS:
+        return TASKS[name]
+    raise CrossLoraError(f"unknown task {name!r}; known: {', '.join(TASKS)} (or a task .json file)")
+
+
+def check_split(specs: Sequence[TaskSpec], split: str) -> None:
+    """Every spec has ``split``, or one line says which do not and what they have."""
+    missing = [t for t in specs if split not in t.splits]
     if missing:
         having = [t.name for t in TASKS.values() if split in t.splits]
         raise CrossLoraError(
-            f"no {split} split for {', '.join(missing)}; "
-            f"{split} splits exist for {', '.join(having)}"
+            f"no {split} split for "
+            + ", ".join(f"{t.name} (it has {', '.join(t.splits)})" for t in missing)
+            + f"; {split} splits exist for {', '.join(having) or 'no built-in task'}"
         )
-    return specs
 
 
 # --- rendering rows into items -------------------------------------------------------------------
@@ -346,6 +429,9 @@ def make_item(task: TaskSpec, doc: dict[str, Any], index: int) -> Item:
         choices = [str(c) for c in _get(doc, task.choices)]
     else:
         choices = [render(c, doc) for c in task.choices]
+    empty = [k for k, c in enumerate(choices) if not c.strip()]
+    if empty:  # acc_norm divides by the choice's length, and an empty choice has no tokens
+        raise ValueError(f"choice {empty[0]} is empty")
     text = render(task.text, doc)
     gold = _gold_index(task, doc)
     if not 0 <= gold < len(choices):
@@ -467,10 +553,13 @@ def _set(doc: dict[str, Any], path: str, value: Any) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from crosslora.io.files import open_regular
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-    except (OSError, ValueError) as err:
+        with open_regular(path) as fh:  # not a FIFO or a device: they would block or not end
+            return [json.loads(line) for line in fh.read().decode("utf-8").split("\n")
+                    if line.strip()]  # fmt: skip
+    except (OSError, ValueError, RecursionError) as err:
         raise CrossLoraError(f"cannot read {path}: {err}") from err
 
 
@@ -524,5 +613,7 @@ def load_items(
         try:
             items.append(make_item(task, row, index))
         except (KeyError, ValueError, TypeError) as err:
-            raise CrossLoraError(f"{task.name} {split} row {index}: {err}") from err
+            raise CrossLoraError(
+                f"task {task.name} ({split}, {source}) row {index}: {err}"
+            ) from err
     return items, source

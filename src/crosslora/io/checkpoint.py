@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from crosslora.errors import CrossLoraError
+from crosslora.io.files import open_regular, special_kind
 from crosslora.io.safetensors_file import TensorFile
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -26,6 +27,12 @@ def resolve_local_or_hub(spec: str | os.PathLike[str], what: str) -> Path:
     if path.exists():
         if not path.is_dir():
             raise CrossLoraError(f"{what} {path} is a file; expected a folder")
+        if not _encodes(str(path)):  # the output records it (report, model card, metadata)
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise CrossLoraError(
+                f"{what} {shown}: the path is not valid UTF-8, and the output records it; "
+                "rename the folder"
+            )
         return path
     text = str(spec)
     if text.startswith((".", "/", "~")) or not HUB_ID.match(text) or text.count("/") > 1:
@@ -45,7 +52,8 @@ def resolve_local_or_hub(spec: str | os.PathLike[str], what: str) -> Path:
 def read_json(path: Path, what: str) -> dict:
     """Read a JSON object, with one-line errors naming the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as f:
+            data = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError as err:
         raise CrossLoraError(f"{what}: {path} not found") from err
     except (OSError, UnicodeDecodeError) as err:
@@ -54,7 +62,43 @@ def read_json(path: Path, what: str) -> dict:
         raise CrossLoraError(f"{what}: {path} is not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise CrossLoraError(f"{what}: {path} must hold a JSON object")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise CrossLoraError(
+            f"{what}: {path}: {where} is not Unicode text (a lone surrogate: a \\uD800-\\uDFFF "
+            "escape without its pair)"
+        )
     return data
+
+
+def _lone_surrogate(data: dict) -> str | None:
+    """Where in a parsed JSON object a string or key is not Unicode text, else None.
+
+    JSON text may spell half of a surrogate pair (``"\\ud800"``); Python parses it into a string
+    that no encoder accepts, so it would fail wherever the value is written (after the work).
+    """
+    stack: list[tuple[object, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not _encodes(value):
+                return f"field {where} ({ascii(value)[:60]})"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodes(key):
+                    return f"key {ascii(key)[:60]}" + (f" of field {where}" if where else "")
+                stack.append((item, f"{where}[{key!r}]" if where else repr(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Checkpoint:
@@ -66,6 +110,7 @@ class Checkpoint:
     def __init__(self, spec: str | os.PathLike[str], what: str = "model") -> None:
         self.spec = str(spec)
         self.path = resolve_local_or_hub(spec, what)
+        self._refuse_special_files(what)
         self.config = read_json(self.path / "config.json", what)
         self.model_type = self.config.get("model_type")
         if not isinstance(self.model_type, str):
@@ -102,11 +147,30 @@ class Checkpoint:
         single = self.path / "model.safetensors"
         if single.exists():
             return dict.fromkeys(self._open(single.name).keys(), single.name)
-        pickles = [p.name for p in self.path.glob("*.bin")]
-        hint = f" (found only pickle weights {pickles[0]}; convert them to safetensors)" * bool(
-            pickles
+        pickles = sorted(p.name for p in self.path.glob("*.bin"))
+        hint = (
+            f" (found only pickle weights {pickles[0]}; convert them to safetensors)"
+            if pickles
+            else " (the folder has a config.json and no weights)"
         )
         raise CrossLoraError(f"{what}: no model.safetensors in {self.path}{hint}")
+
+    def _refuse_special_files(self, what: str) -> None:
+        """Every file of the folder must be a regular file (symlinks followed): a FIFO or a device
+        named model.safetensors, config.json or tokenizer.json (read by crosslora, or by
+        transformers for the methods that load tokenizers or models) would block or never end."""
+        try:
+            entries = sorted(os.scandir(self.path), key=lambda e: e.name)
+        except OSError:
+            return  # reading config.json says what is wrong
+        for entry in entries:
+            try:
+                mode = os.stat(entry.path).st_mode
+            except OSError:
+                continue  # a dangling link: whoever needs that file reports it missing
+            kind = special_kind(mode)
+            if kind:
+                raise CrossLoraError(f"{what}: {entry.path} is {kind}, not a regular file")
 
     def _open(self, shard: str) -> TensorFile:
         if shard not in self._shards:
@@ -123,6 +187,24 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shards[self.weight_map[name]].shape(name)
+
+    def dtype(self, name: str) -> str:
+        """Tensor ``name``'s dtype as safetensors spells it (``F32``, ``BF16``, ``I32``, ...)."""
+        return self._shards[self.weight_map[name]].tensors[name].dtype
+
+    def same_model(self, other: Checkpoint) -> bool:
+        """The same folder (however reached), or the very same weights files (hard links, the hub
+        cache's blobs): not a copy, which is another file."""
+        if os.path.samefile(self.path, other.path):
+            return True
+        return self._file_ids() == other._file_ids()
+
+    def _file_ids(self) -> frozenset[tuple[int, int]]:
+        out = set()
+        for shard in self._shards.values():
+            st = os.stat(shard.path)
+            out.add((st.st_dev, st.st_ino))
+        return frozenset(out)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:

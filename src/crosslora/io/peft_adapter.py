@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from crosslora.errors import CrossLoraError
+from crosslora.io import patterns
 from crosslora.io.checkpoint import read_json, resolve_local_or_hub
+from crosslora.io.files import open_regular
 from crosslora.io.safetensors_file import TensorFile, write_safetensors
 from crosslora.lora import LoraFactors
 
@@ -47,24 +49,67 @@ def alpha_for_scale(scale: float, r: int, use_rslora: bool) -> float:
     return scale * math.sqrt(r) if use_rslora else scale * r
 
 
-def pattern_key(patterns: dict[str, object], module: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern that matches the end of ``module``."""
-    for pattern in patterns:
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                return pattern
-        except (re.error, RecursionError, OverflowError) as err:
-            raise CrossLoraError(f"adapter config: invalid pattern {pattern!r} ({err})") from err
-    return None
+@dataclass(frozen=True)
+class ModulePatterns:
+    """What the config's patterns say of each module name (PEFT's rules, ``io/patterns.py``)."""
+
+    targeted: list[bool]  # in target_modules (a list: suffix match; a string: fullmatch)
+    rank_key: list[str | None]  # the rank_pattern key that gives its rank (first match)
+    alpha_key: list[str | None]
 
 
-def matches_target_modules(target_modules: list[str] | str | None, module: str) -> bool:
-    """PEFT's ``check_target_module_exists`` for a list (suffix match) or a regex (fullmatch)."""
-    if target_modules is None:
-        return True
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "target_modules")
+
+
+def module_patterns(config: dict, modules: list[str]) -> ModulePatterns:
+    """Match ``modules`` against the (validated) config's ``target_modules``, ``rank_pattern``
+    and ``alpha_pattern`` keys, in bounded time: a pattern that backtracks catastrophically is a
+    ``CrossLoraError`` naming it, after ``patterns.LIMIT_SECONDS`` at most."""
+    target_modules = config.get("target_modules")
+    rank, alpha = list(config.get("rank_pattern") or {}), list(config.get("alpha_pattern") or {})
+    jobs: list[patterns.Job] = [("suffix", rank, modules), ("suffix", alpha, modules)]
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in target_modules)
+        jobs.append(("full", [target_modules], modules))
+    try:
+        found = patterns.first_matches(jobs)
+    except patterns.PatternTimeout as err:
+        field_name = _PATTERN_FIELDS[err.job]
+        which = "" if err.pattern is None else f" {jobs[err.job][1][err.pattern]!r}"
+        which = f" key{which}" if field_name != "target_modules" and which else which
+        raise CrossLoraError(
+            f"adapter config: {field_name}{which} did not finish matching module "
+            f"{ascii(modules[err.name])[:100]} in {patterns.LIMIT_SECONDS:g} s (catastrophic "
+            "backtracking, as with nested quantifiers like (a+)+); simplify the pattern"
+        ) from None
+    except patterns.PatternFailure as err:
+        raise CrossLoraError(
+            f"adapter config: matching target_modules/rank_pattern/alpha_pattern against the "
+            f"adapter's module names failed ({err})"
+        ) from None
+    if target_modules is None:
+        targeted = [True] * len(modules)
+    elif isinstance(target_modules, str):
+        targeted = [hit is not None for hit in found[2]]
+    else:
+        listed = set(target_modules)
+        lengths = sorted({len(t) for t in listed})
+        targeted = [_listed(m, listed, lengths) for m in modules]
+    return ModulePatterns(
+        targeted,
+        [None if i is None else rank[i] for i in found[0]],
+        [None if i is None else alpha[i] for i in found[1]],
+    )
+
+
+def _listed(module: str, listed: set[str], lengths: list[int]) -> bool:
+    """PEFT's rule for a list: ``module == t or module.endswith(f".{t}")`` for some listed ``t``
+    (one set look-up per listed length, not one scan per listed name)."""
+    n = len(module)
+    return any(
+        module[n - k :] in listed and (k == n or module[n - k - 1] == ".")
+        for k in lengths
+        if k <= n
+    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +185,6 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     target_modules = config.get("target_modules")
-    layers = config.get("layers_to_transform")
 
     tensors = _open_weights(path, allow_pickle)
     keys = tensors.keys() if isinstance(tensors, TensorFile) else list(tensors)
@@ -172,14 +216,15 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise CrossLoraError(f"adapter {path}: module {module} has no {missing} tensor")
-        if not matches_target_modules(target_modules, module):
+    matched = module_patterns(config, sorted(found))
+    for i, (module, pair) in enumerate(sorted(found.items())):
+        if not matched.targeted[i]:
             raise CrossLoraError(
                 f"adapter {path}: module {module} has weights but is not in "
                 f"target_modules={target_modules!r}"
             )
         a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
-        rk = pattern_key(rank_pattern, module)
-        ak = pattern_key(alpha_pattern, module)
+        rk, ak = matched.rank_key[i], matched.alpha_key[i]
         mr = int(rank_pattern[rk]) if rk is not None else r
         malpha = float(alpha_pattern[ak]) if ak is not None else float(lora_alpha)
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
@@ -195,9 +240,7 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
             module, pair["A"], pair["B"], mr, malpha, lora_scale(malpha, mr, use_rslora),
             (b_shape[0], a_shape[1]),
         )  # fmt: skip
-    if layers is not None:
-        wanted = {layers} if isinstance(layers, int) else set(layers)
-        log.debug("layers_to_transform=%s (the weights present decide what is transferred)", wanted)
+    # layers_to_transform is checked against the source model's layers in plan.plan_transfer
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     return Adapter(path, config, r, float(lora_alpha), use_rslora, modules, dtype, dropped, tensors)
 
@@ -228,13 +271,20 @@ def _check_fields(config: dict) -> None:
     r = _field(config, "r", int, 8)
     if r <= 0:
         raise CrossLoraError(f"adapter config: r must be positive, got {r}")
-    _finite(_field(config, "lora_alpha", _NUMBER, 8), "lora_alpha")
+    lora_alpha = _finite(_field(config, "lora_alpha", _NUMBER, 8), "lora_alpha")
+    if lora_alpha <= 0:  # scale alpha / r: zero writes a null adapter, negative flips its sign
+        raise CrossLoraError(f"adapter config: lora_alpha must be positive, got {lora_alpha:g}")
     _field(config, "use_rslora", bool, False)
     _field(config, "fan_in_fan_out", bool, False)
     dropout = _field(config, "lora_dropout", (*_NUMBER, type(None)), None)
     if dropout is not None and not 0 <= _finite(dropout, "lora_dropout") < 1:
         raise CrossLoraError(f"adapter config: lora_dropout must be in [0, 1), got {dropout!r}")
-    _field(config, "task_type", (str, type(None)), None)
+    task_type = _field(config, "task_type", (str, type(None)), None)
+    if task_type not in (None, *_TASK_TYPES) and task_type not in _task_types():  # copied out
+        raise CrossLoraError(
+            f"adapter config: task_type {ascii(task_type)[:60]} is not a PEFT task type "
+            f"(one of {', '.join(_task_types())})"
+        )
     _field(config, "base_model_name_or_path", (str, type(None)), None)
     _field(config, "modules_to_save", (list, type(None)), None)
     for name in ("rank_pattern", "alpha_pattern"):
@@ -245,15 +295,15 @@ def _check_fields(config: dict) -> None:
                 kind = "a positive integer" if name == "rank_pattern" else "a positive number"
                 raise CrossLoraError(f"adapter config: {name}[{key!r}] must be {kind}")
             _finite(value, f"{name}[{key!r}]")
+            _compiles(key, "suffix", f"{name} key {key!r}")
     target_modules = _field(config, "target_modules", (list, str, type(None)), None)
     if isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules):
         raise CrossLoraError("adapter config: field 'target_modules' must list strings")
     if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except (re.error, RecursionError, OverflowError) as err:
-            raise CrossLoraError(f"adapter config: target_modules is not a regex ({err})") from err
+        _compiles(target_modules, "full", "target_modules")
     layers = _field(config, "layers_to_transform", (int, list, type(None)), None)
+    if isinstance(layers, int) and layers < 0:
+        raise CrossLoraError(f"adapter config: layers_to_transform must be >= 0, got {layers}")
     if isinstance(layers, list) and not all(
         type(x) is int and x >= 0 for x in layers
     ):  # fmt: skip
@@ -270,6 +320,30 @@ def _finite(value: object, name: str) -> float:
     return number
 
 
+def _compiles(pattern: str, mode: str, what: str) -> None:
+    """``pattern`` compiles, alone and as PEFT runs it (compiling is cheap; matching is bounded
+    in ``module_patterns``)."""
+    for text in (pattern, patterns.wrapped(pattern, mode)):
+        try:
+            re.compile(text)
+        except (re.error, RecursionError, OverflowError, MemoryError) as err:
+            raise CrossLoraError(f"adapter config: {what} is not a regex ({err})") from err
+
+
+# PEFT's TaskType values (peft.utils.peft_types); a value outside them is looked up in the
+# installed PEFT, whose LoraConfig writes the output's config
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+               "FEATURE_EXTRACTION")  # fmt: skip
+
+
+def _task_types() -> tuple[str, ...]:
+    try:
+        from peft.utils.peft_types import TaskType
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return _TASK_TYPES
+    return tuple(t.value for t in TaskType)
+
+
 def _refuse_unsupported(key: str) -> None:
     if "lora_magnitude_vector" in key:
         raise CrossLoraError(f"adapter weights: {key} is a DoRA magnitude; DoRA is not supported")
@@ -277,6 +351,14 @@ def _refuse_unsupported(key: str) -> None:
         raise CrossLoraError(f"adapter weights: {key} is an embedding LoRA, which is not supported")
     if re.search(r"\.lora_[AB]\.bias$", key):
         raise CrossLoraError(f"adapter weights: {key} is a LoRA bias, which is not supported")
+
+
+def check_adapter_weights(path: Path, allow_pickle: bool) -> None:
+    """The pickle policy of ``read_adapter`` for an adapter that PEFT will load (``eval``): an
+    adapter whose weights are only ``adapter_model.bin`` is refused without ``allow_pickle``, and
+    with it must load with ``torch.load(weights_only=True)`` as a dict of tensors."""
+    if not (path / WEIGHTS_NAME).exists() and (path / PICKLE_WEIGHTS_NAME).exists():
+        _open_weights(path, allow_pickle)
 
 
 def _open_weights(path: Path, allow_pickle: bool) -> TensorFile | dict[str, torch.Tensor]:
@@ -292,7 +374,10 @@ def _open_weights(path: Path, allow_pickle: bool) -> TensorFile | dict[str, torc
                 "to load them (with torch.load(weights_only=True)) or convert them to safetensors"
             )
         try:
-            state = torch.load(pickled, map_location="cpu", weights_only=True)
+            with open_regular(pickled) as f:  # not a FIFO or a device
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except OSError as err:
+            raise CrossLoraError(f"adapter {pickled}: cannot read: {err.strerror or err}") from err
         except Exception as err:  # the unpickler refused it, or it is not a torch file at all
             raise CrossLoraError(
                 f"adapter {pickled}: cannot load with weights_only=True ({_load_reason(err)})"

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from crosslora.errors import CrossLoraError
+from crosslora.io.files import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit is 100 MB
 MAX_TENSOR_BYTES = 1 << 40  # 1 TiB: anything larger is a lying header, not a model
@@ -56,8 +57,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     that overlap or run past the end of the file.
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # not a FIFO or a device: they would block or never end
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CrossLoraError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -160,7 +161,7 @@ class TensorFile:
         size = info.end - info.start
         buf = torch.empty(size, dtype=torch.uint8)
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 if self._data_start is None:
                     self._data_start = 8 + int.from_bytes(f.read(8), "little")
                 read_into(f.fileno(), buf, self._data_start + info.start)

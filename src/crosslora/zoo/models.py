@@ -414,15 +414,14 @@ def source_gguf(spec: ModelSpec, workdir: Path, progress: _Progress) -> tuple[Pa
 def _load_gguf(path: Path) -> tuple[Any, Any]:
     """Model (dequantized to float32) and tokenizer from a local GGUF file, offline."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from crosslora.io.pretrained import load_causal_lm, load_tokenizer
 
     kwargs = {"gguf_file": path.name, "local_files_only": True}
-    try:
+    try:  # never code from the folder: trust_remote_code=False
         with _offline():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), dtype=torch.float32, **kwargs
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+            model = load_causal_lm(path.parent, str(path), dtype=torch.float32, **kwargs)
+            tokenizer = load_tokenizer(path.parent, str(path), **kwargs)
     except (ImportError, OSError, ValueError, KeyError, NotImplementedError) as err:
         raise CrossLoraError(f"could not load GGUF file {path}: {_one_line(str(err))}") from err
     return model.eval(), tokenizer
@@ -456,13 +455,14 @@ def rebuild_plain(model: Any, dtype: Any) -> Any:
 def _verify_folder(folder: Path, expected: Any, tokenizer: Any) -> None:
     """The saved folder must reload to exactly ``expected``'s weights and tokenize the same."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _offline():
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=expected.dtype, local_files_only=True
+    from crosslora.io.pretrained import load_causal_lm, load_tokenizer
+
+    with _offline():  # trust_remote_code=False, as everywhere
+        reloaded = load_causal_lm(
+            folder, "saved model", dtype=expected.dtype, local_files_only=True
         )
-        retok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        retok = load_tokenizer(folder, "saved model", local_files_only=True)
     want, got = expected.state_dict(), reloaded.state_dict()
     if want.keys() != got.keys():
         diff = sorted(set(want) ^ set(got))[:3]
