@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from crosslora.eval import resolve_device  # noqa: E402
+from crosslora.device import resolve_device  # noqa: E402
 from crosslora.eval.scoring import Encoder, model_max_length, score_items  # noqa: E402
 from crosslora.eval.tasks import TASKS, load_items  # noqa: E402
 

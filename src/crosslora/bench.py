@@ -261,7 +261,7 @@ class _Check:
         return tasks
 
     def device(self, device: str) -> None:
-        from crosslora.transfer import resolve_device
+        from crosslora.device import resolve_device
 
         try:
             resolve_device(device)
@@ -417,7 +417,7 @@ class Runner:
 
     def _load(self, model: str):
         if self._loaded is None or self._loaded[0] != model:
-            from crosslora.eval import resolve_device
+            from crosslora.device import resolve_device
             from crosslora.io.pretrained import load_causal_lm, load_tokenizer
 
             self._loaded = None

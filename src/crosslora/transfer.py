@@ -12,6 +12,7 @@ import torch
 
 from crosslora import __version__
 from crosslora.basis_cache import BasisCache, default_cache_dir
+from crosslora.device import resolve_device
 from crosslora.errors import CrossLoraError
 from crosslora.execute import (
     CACHE_MIN_ELEMENTS,
@@ -49,27 +50,6 @@ class TransferOptions:
     cache_dir: str | None = None  # None: $CROSSLORA_HOME/bases or ~/.cache/crosslora/bases
     cache_min_elements: int = CACHE_MIN_ELEMENTS  # smaller weights are not worth caching
     draws: int = 1  # independent probe draws whose mean update is written (matched only)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N an existing GPU), else one clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise CrossLoraError(
-            f"--device {name}: not a device (choose auto, cpu, cuda or cuda:N)"
-        ) from err
-    if device.type not in ("cpu", "cuda"):
-        raise CrossLoraError(f"--device {name}: not supported (choose auto, cpu, cuda or cuda:N)")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CrossLoraError(f"--device {name}: CUDA is not available on this machine")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise CrossLoraError(f"--device {name}: this machine has {count} CUDA device(s)")
-    return device
 
 
 def check_options(options: TransferOptions) -> torch.device:

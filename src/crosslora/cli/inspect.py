@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from crosslora.device import resolve_device
     from crosslora.inspect import check_png_path, format_summary, inspect_pair, plot_heatmap
     from crosslora.io.outfile import check_distinct, check_output_file, input_files, write_atomic
-    from crosslora.transfer import resolve_device
 
     # the output paths before any work: writable, not a folder, not an input, not each other
     inputs = [*input_files("source model", args.source_model),

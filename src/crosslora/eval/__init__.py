@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from crosslora.device import resolve_device
 from crosslora.errors import CrossLoraError
 from crosslora.eval.metrics import (
     GapRecovered,
@@ -47,15 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("crosslora")
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``auto`` (or ``None``): CUDA when available, else CPU."""
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from crosslora.transfer import resolve_device as checked  # cpu, cuda or cuda:N, one line
-
-    return checked(str(name))
 
 
 def evaluate(
