@@ -202,7 +202,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     import peft  # noqa: F401  (writing the adapter config imports it: timed apart)
 
-    from crosslora.transfer import TransferOptions, transfer
+    from crosslora import TransferOptions, transfer
 
     imports = time.perf_counter() - start
 

@@ -1,12 +1,13 @@
-"""A development task for choosing method settings, never the benchmark's items.
+"""A development task for choosing method settings, never the benchmark's items (research
+script, not part of crosslora; docs/results.md, "The development task").
 
 Takes ARC-Easy and ARC-Challenge *train* rows that no shipped adapter was trained on (the
 adapters use a seeded sample of 400 parsed rows per source, ``bench/train_adapter.py``), draws
 ``--per-source`` of them with a fixed seed, and writes them as a local task for ``crosslora
-eval``/``bench``: ``bench/dev/arc_dev.json`` and ``bench/dev/arc_dev.jsonl``. Prompt format as
-ARC in lm-eval (``Question: …\\nAnswer:``, choices scored as continuations).
+eval``/``bench``: ``experiments/dev_task/arc_dev.json`` and ``arc_dev.jsonl`` beside it. Prompt
+format as ARC in lm-eval (``Question: …\\nAnswer:``, choices scored as continuations).
 
-    .venv/bin/python bench/make_dev_task.py
+    .venv/bin/python experiments/make_dev_task.py
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_adapter import untrained_rows  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from train_adapter import untrained_rows  # noqa: E402  (bench/train_adapter.py)
 
-OUT = Path(__file__).parent / "dev"
+OUT = Path(__file__).resolve().parent / "dev_task"
 
 
 def main() -> None:
