@@ -3,13 +3,17 @@ adapters on them (made by ``peft`` itself, with B ≠ 0)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 COMMON = {"vocab_size": 96, "max_position_embeddings": 64, "tie_word_embeddings": False}
 
@@ -126,13 +130,6 @@ def tiny_model(tmp_path_factory):
     return make
 
 
-def model_copy(model: Path, dst: Path) -> Path:
-    """``model`` copied to ``dst``: the same weights in files of their own. crosslora refuses to
-    transfer between a model and itself except with --method copy; a copy is another model."""
-    shutil.copytree(model, dst)
-    return dst
-
-
 def family_modules(name: str) -> list[str]:
     return ALL_MODULES.get(TINY[name][0].model_type, LLAMA_MODULES)
 
@@ -200,3 +197,83 @@ def delta_weights(peft_model) -> dict[str, torch.Tensor]:
 
 
 TOKENS = torch.tensor([[3, 17, 42, 8, 91, 5, 60, 33, 2, 71, 12, 49]])
+
+
+# --- shared test helpers: the transfer command line, edited copies of inputs, folder snapshots --
+
+
+def transfer_argv(
+    adapter: Path | str | Sequence[Path | str],
+    source: Path | str,
+    target: Path | str,
+    out: Path | str,
+    method: str | None = "copy",
+    *extra: object,
+) -> list[str]:
+    """``crosslora transfer`` arguments (for ``crosslora.cli.main`` or after the console script).
+
+    ``adapter`` may be a list (one ``--adapter`` each, in order); ``method=None`` passes no
+    ``--method`` (the default method); ``extra`` (``"-q"``, ``"--dry-run"``, ...) goes last.
+    """
+    adapters = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
+    argv = ["transfer"]
+    for a in adapters:
+        argv += ["--adapter", str(a)]
+    argv += ["--source-model", str(source), "--target-model", str(target), "--out-path", str(out)]
+    if method is not None:
+        argv += ["--method", method]
+    return [*argv, *map(str, extra)]
+
+
+def copy_folder(
+    folder: Path,
+    dst: Path,
+    config: Callable[[dict], object] | None = None,
+    tensors: Callable[[dict[str, torch.Tensor]], object] | None = None,
+) -> Path:
+    """``folder`` (an adapter or a model) copied to ``dst`` (parents created): the same files,
+    copies of their own. A copied model is another model: crosslora refuses to transfer between
+    a model and itself except with --method copy.
+
+    ``config(dict)`` edits the copy's config in place (``adapter_config.json`` for an adapter,
+    else ``config.json``); ``tensors(dict)`` its weights (``adapter_model.safetensors``, else
+    ``model.safetensors``; written back with PEFT's and transformers' ``format: pt`` metadata).
+    """
+    shutil.copytree(folder, dst)
+    adapter = (dst / "adapter_config.json").is_file()
+    if config:
+        path = dst / ("adapter_config.json" if adapter else "config.json")
+        data = json.loads(path.read_text())
+        config(data)
+        path.write_text(json.dumps(data))
+    if tensors:
+        path = dst / ("adapter_model.safetensors" if adapter else "model.safetensors")
+        weights = load_file(path)
+        tensors(weights)
+        save_file(weights, path, metadata={"format": "pt"})
+    return dst
+
+
+def pickle_adapter(adapter: Path, folder: Path, payload: object = None) -> Path:
+    """``adapter``'s config in ``folder`` (created), beside its weights as a pickle,
+    ``adapter_model.bin`` only; or ``payload`` pickled instead of the weights."""
+    folder.mkdir()
+    shutil.copy(adapter / "adapter_config.json", folder)
+    state = load_file(adapter / "adapter_model.safetensors") if payload is None else payload
+    torch.save(state, folder / "adapter_model.bin")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with what it holds: a file's bytes, None for a folder, and for
+    a symbolic link ``b"->"`` and its target (links are not followed into folders; a link to a
+    regular file adds that file's bytes after a NUL). A missing folder is ``{}``."""
+    out: dict[str, bytes | None] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            link = b"->" + os.fsencode(os.readlink(p))
+            out[rel] = link + b"\0" + p.read_bytes() if p.is_file() else link
+        else:
+            out[rel] = None if p.is_dir() else p.read_bytes()
+    return out

@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TOKENS, build_model, build_tokenizer, load_with_adapter, make_adapter
-from crosslora.anchor.vocab import shared_vocab, token_texts
+from conftest import (
+    TOKENS,
+    build_model,
+    build_tokenizer,
+    copy_folder,
+    load_with_adapter,
+    make_adapter,
+    transfer_argv,
+)
+from crosslora import MatchedParams, TransferOptions, transfer
 from crosslora.cli import main
+from crosslora.methods.anchored.vocab import shared_vocab, token_texts
 from twins import make_twin, twin_ready
 
 TWIN_FAMILIES = ["llama", "qwen2", "gemma3_text"]
@@ -36,13 +45,17 @@ def twins(tmp_path_factory):
     return out
 
 
-def transfer_error(twins, name: str, method: str, tmp_path: Path) -> tuple[float, float]:
-    """(‖logits error‖ / ‖logits‖, ‖logits error‖ / ‖adapter's effect on the logits‖)."""
+def transfer_error(twins, name: str, method: str, tmp_path: Path,
+                   params=None) -> tuple[float, float]:  # fmt: skip
+    """(‖logits error‖ / ‖logits‖, ‖logits error‖ / ‖adapter's effect on the logits‖); the
+    method's ``params`` through the Python API, else the command line."""
     src, twin, adapter, want, base = twins[name]
     out = tmp_path / method
-    argv = ["transfer", "-q", "--adapter", str(adapter), "--source-model", str(src),
-            "--target-model", str(twin), "--out-path", str(out), "--method", method]  # fmt: skip
-    assert main(argv) == 0
+    if params is not None:
+        options = TransferOptions(method=method, params=params)
+        transfer(str(adapter), str(src), str(twin), out, options, progress=False)
+    else:
+        assert main(transfer_argv(adapter, src, twin, out, method, "-q")) == 0
     with torch.no_grad():
         got = load_with_adapter(twin, out)(TOKENS).logits
     err = float((got - want).norm())
@@ -104,10 +117,7 @@ def test_token_strings_are_compared_as_text():
 
 
 def test_too_few_shared_tokens_is_a_clear_error(tiny_model, tiny_adapter, tmp_path, capsys):
-    lonely = tmp_path / "lonely"
-    import shutil
-
-    shutil.copytree(tiny_model("qwen2"), lonely)
+    lonely = copy_folder(tiny_model("qwen2"), tmp_path / "lonely")
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -115,8 +125,8 @@ def test_too_few_shared_tokens_is_a_clear_error(tiny_model, tiny_adapter, tmp_pa
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                   unk_token="<unk>")  # fmt: skip
     tok.save_pretrained(lonely)
-    argv = ["transfer", "--adapter", str(tiny_adapter("llama")), "--source-model", str(tiny_model("llama")),
-            "--target-model", str(lonely), "--out-path", str(tmp_path / "out"), "--method", "anchored"]  # fmt: skip
+    argv = transfer_argv(tiny_adapter("llama"), tiny_model("llama"), lonely, tmp_path / "out",
+                         "anchored")  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,24 +141,20 @@ MATCHED_TWINS = ["llama", "gemma3_text"]
 
 
 @pytest.mark.parametrize("name", MATCHED_TWINS)
-def test_matched_is_exact_on_function_preserving_twins_up_to_its_ridge(
-    twins, name, tmp_path, monkeypatch
-):
+def test_matched_is_exact_on_function_preserving_twins_up_to_its_ridge(twins, name, tmp_path):
     """With the ridge made negligible the activation-matched maps recover the twin's coordinates
     (rotation, head and neuron permutations, zero widening) from probe activations alone; at the
     default ridge the error is the ridge's shrinkage, recorded here so that it stays known."""
-    import crosslora.methods.matched as matched
-
     default_rel, default_of_effect = transfer_error(twins, name, "matched", tmp_path / "default")
-    monkeypatch.setattr(matched, "ALPHA", 1e-7)
-    rel, of_effect = transfer_error(twins, name, "matched", tmp_path / "tiny")
+    rel, of_effect = transfer_error(twins, name, "matched", tmp_path / "tiny",
+                                    MatchedParams(alpha=1e-7))  # fmt: skip
     print(f"{name}: default ridge {default_of_effect:.2e} of the effect, tiny {of_effect:.2e}")
     assert of_effect < 2e-3, (rel, of_effect)
     assert default_of_effect < 0.3, (default_rel, default_of_effect)
     report = json.loads((tmp_path / "tiny" / "matched" / "transfer_report.json").read_text())
     diag = report["method_diagnostics"]
     print(name, diag["calibration"], diag["probe_effect_before"], diag["probe_effect"])
-    assert diag["probe_positions"] >= matched.MIN_POSITIONS
+    assert diag["probe_positions"] >= MatchedParams().min_positions
     # the calibration leaves an exact transfer as it is, and measures it as exact
     assert all(abs(c - 1) < 1e-2 for c in diag["calibration"].values()), diag["calibration"]
     assert diag["probe_effect"]["explained"] > 0.999, diag["probe_effect"]

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import copy_folder, pickle_adapter, snapshot, transfer_argv
 from crosslora.cli import main
 
 CLI = Path(sys.executable).with_name("crosslora")
@@ -51,39 +52,16 @@ class Env:
         self.stack = stack
 
     def argv(self, adapter=None, src=None, tgt=None, out=None, method="copy", *extra) -> list[str]:
-        return [
-            "--adapter", str(adapter or self.adapter),
-            "--source-model", str(src or self.model),
-            "--target-model", str(tgt or self.model),
-            "--out-path", str(out or self.out),
-            "--method", method, *extra,
-        ]  # fmt: skip
+        """``transfer_argv`` with this environment's adapter, model (as source and target) and
+        output where not given."""
+        return transfer_argv(adapter or self.adapter, src or self.model, tgt or self.model,
+                             out or self.out, method, *extra)  # fmt: skip
 
     def copy_adapter(self, config=None, tensors=None, name="ad") -> Path:
-        dst = self.inputs / name
-        shutil.copytree(self.adapter, dst)
-        if config:
-            data = json.loads((dst / "adapter_config.json").read_text())
-            config(data)
-            (dst / "adapter_config.json").write_text(json.dumps(data))
-        if tensors:
-            ts = load_file(dst / "adapter_model.safetensors")
-            tensors(ts)
-            save_file(ts, dst / "adapter_model.safetensors", metadata={"format": "pt"})
-        return dst
+        return copy_folder(self.adapter, self.inputs / name, config, tensors)
 
     def copy_model(self, config=None, tensors=None, name="model") -> Path:
-        dst = self.inputs / name
-        shutil.copytree(self.model, dst)
-        if config:
-            data = json.loads((dst / "config.json").read_text())
-            config(data)
-            (dst / "config.json").write_text(json.dumps(data))
-        if tensors:
-            ts = load_file(dst / "model.safetensors")
-            tensors(ts)
-            save_file(ts, dst / "model.safetensors", metadata={"format": "pt"})
-        return dst
+        return copy_folder(self.model, self.inputs / name, config, tensors)
 
     def mount_tmpfs(self, name: str, options: str) -> Path:
         """A tmpfs under ``work`` (unmounted at the end), or skip where mounting is not allowed."""
@@ -112,6 +90,12 @@ def rewrite_safetensors(path: Path, edit: Callable[[dict], None] | None = None,
     if raw:
         blob = raw(blob, data)
     path.write_bytes(blob)
+
+
+def without(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value."""
+    at = argv.index(option)
+    return argv[:at] + argv[at + 2 :]
 
 
 def lora_entries(header: dict) -> list[str]:
@@ -189,14 +173,6 @@ def only_pickle_model(env: Env) -> Path:
     shutil.copy(env.model / "config.json", m)
     torch.save(load_file(env.model / "model.safetensors"), m / "pytorch_model.bin")
     return m
-
-
-def pickle_adapter(env: Env, payload) -> Path:
-    ad = env.inputs / "pickled"
-    ad.mkdir()
-    shutil.copy(env.adapter / "adapter_config.json", ad)
-    torch.save(payload, ad / "adapter_model.bin")
-    return ad
 
 
 def inf_in_every_weight(ts: dict) -> None:
@@ -300,9 +276,7 @@ def weight(key: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[
 def not_utf8(env: Env, src: Path, name: bytes) -> Path:
     """A copy of ``src`` in a folder whose name is not valid UTF-8 (as Python spells it: with
     surrogate escapes)."""
-    dst = Path(os.fsdecode(os.fsencode(env.inputs) + b"/" + name))
-    shutil.copytree(src, dst)
-    return dst
+    return copy_folder(src, Path(os.fsdecode(os.fsencode(env.inputs) + b"/" + name)))
 
 
 def raw_config(env: Env, edit: Callable[[str], str]) -> Path:
@@ -428,13 +402,13 @@ CASES: dict[str, Case] = {
         e.argv(adapter=(a := edited(e.copy_adapter(), WEIGHTS, "mkdir"))),
         f"{a / WEIGHTS}: cannot read")),
     "pickle-without-allow-pickle": E(lambda e: (
-        e.argv(adapter=pickle_adapter(e, load_file(e.adapter / "adapter_model.safetensors"))),
+        e.argv(adapter=pickle_adapter(e.adapter, e.inputs / "pickled")),
         "weights are a pickle (adapter_model.bin); pass --allow-pickle")),
     "pickle-with-code": E(lambda e: (
-        e.argv(pickle_adapter(e, {"x": os.getcwd}), None, None, None, "copy", "--allow-pickle"),
+        e.argv(pickle_adapter(e.adapter, e.inputs / "pickled", {"x": os.getcwd}), None, None, None, "copy", "--allow-pickle"),
         "adapter_model.bin: cannot load with weights_only=True")),
     "pickle-not-a-dict": E(lambda e: (
-        e.argv(pickle_adapter(e, [torch.ones(2)]), None, None, None, "copy", "--allow-pickle"),
+        e.argv(pickle_adapter(e.adapter, e.inputs / "pickled", [torch.ones(2)]), None, None, None, "copy", "--allow-pickle"),
         "adapter_model.bin: not a dict of tensors")),
     "lora-B-missing": E(lambda e: (e.argv(adapter=e.copy_adapter(tensors=lambda t: t.pop(
         "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"))),
@@ -555,7 +529,7 @@ CASES: dict[str, Case] = {
         e.argv(adapter=(a := dev_zero(e.copy_adapter(), WEIGHTS))),
         f"{a / WEIGHTS}: cannot read: a character device, not a regular file")),
     "adapter-pickle-fifo": E(lambda e: (
-        e.argv(fifo(e, pickle_adapter(e, {}), "adapter_model.bin"), None, None, None, "copy",
+        e.argv(fifo(e, pickle_adapter(e.adapter, e.inputs / "pickled", {}), "adapter_model.bin"), None, None, None, "copy",
                "--allow-pickle"),
         "adapter_model.bin: cannot read: a FIFO, not a regular file")),
     # models without weights, empty or integer weights, layer counts that disagree
@@ -701,7 +675,7 @@ CASES: dict[str, Case] = {
     "method-unknown": E(lambda e: (e.argv(method="magic"),
                                    "argument --method: invalid choice: 'magic'"),
                         subprocess=True),
-    "required-option-missing": E(lambda e: (e.argv()[2:],
+    "required-option-missing": E(lambda e: (without(e.argv(), "--adapter"),
                                             "the following arguments are required: --adapter")),
     "unknown-option": E(lambda e: (e.argv() + ["--trust-remote-code"],
                                    "unrecognized arguments: --trust-remote-code")),
@@ -709,14 +683,6 @@ CASES: dict[str, Case] = {
 
 
 # --- running and checking -------------------------------------------------------------------------
-
-
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every path under ``folder`` with its bytes (None for folders)."""
-    out: dict[str, bytes | None] = {}
-    for p in sorted(folder.rglob("*")):
-        out[str(p.relative_to(folder))] = None if p.is_dir() else p.read_bytes()
-    return out
 
 
 def staging_leftovers(out: Path) -> list[str]:
@@ -753,8 +719,27 @@ def env(tmp_path, tiny_model, tiny_adapter):
         yield Env(tmp_path, tiny_model, tiny_adapter, stack)
 
 
-OUTCOMES: dict[str, str] = {}  # case -> the error line (printed by the summary test)
+OUTCOMES: dict[str, str] = {}  # case -> the error line (CROSSLORA_OUTCOMES=1 prints them)
 BY_SUBPROCESS: dict[str, str] = {}  # the same, through the console script
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outcomes_table(request):
+    """With CROSSLORA_OUTCOMES=1, how each table case that ran here ended, printed once this
+    module's tests are done (a report, not a test: each case checks its own line)."""
+    yield
+    if not os.environ.get("CROSSLORA_OUTCOMES"):
+        return
+
+    def table(outcomes: dict[str, str]) -> list[str]:
+        return [f"  {n:<40} exit 2  {v.removeprefix('crosslora: error: ')}"
+                for n, v in outcomes.items()]  # fmt: skip
+
+    lines = [f"{len(OUTCOMES)} of {len(CASES)} table cases ran in-process:", *table(OUTCOMES),
+             f"{len(BY_SUBPROCESS)} through the console script:", *table(BY_SUBPROCESS)]  # fmt: skip
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n" + "\n".join(lines))
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.in_process])
@@ -765,7 +750,7 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(name, env, capsys):
     before = snapshot(env.work)
     out_before = snapshot(out) if out.is_dir() else out.read_bytes() if out.is_file() else None
     capsys.readouterr()
-    code = main(["transfer", "-q", *argv])
+    code = main([*argv, "-q"])
     captured = capsys.readouterr()
     assert captured.out == ""
     line = check_failure(code, captured.err, case, fragment)
@@ -795,7 +780,7 @@ def test_bad_inputs_through_the_console_script(tmp_path, tiny_model, tiny_adapte
             cmd = [str(CLI)] if CLI.exists() and name != "method-unknown" else [
                 sys.executable, "-m", "crosslora"]  # fmt: skip
             offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(env.tmp / "hub")}
-            proc = subprocess.Popen([*cmd, "transfer", *argv], stdout=subprocess.PIPE,
+            proc = subprocess.Popen([*cmd, *argv], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE,
                                     env={**os.environ, **offline, "PYTHONPATH": str(SRC)})  # fmt: skip
             stack.callback(lambda p=proc: p.poll() is None and (p.kill(), p.wait()))
@@ -820,7 +805,7 @@ def _progress(line: str) -> bool:
 def test_verbose_shows_the_traceback(env, capsys):
     """-v is the one way to get a traceback for a user error."""
     capsys.readouterr()
-    assert main(["transfer", "-v", *env.argv(adapter=env.inputs / "nope")]) == 2
+    assert main([*env.argv(adapter=env.inputs / "nope"), "-v"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("crosslora: error: ")
 
@@ -835,7 +820,7 @@ def test_disk_full_is_one_line_without_a_mount(env, capsys, monkeypatch):
 
     monkeypatch.setattr(crosslora.io.peft_adapter, "write_safetensors", _disk_full)
     capsys.readouterr()
-    assert main(["transfer", "-q", *env.argv()]) == 2
+    assert main([*env.argv(), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"crosslora: error: cannot write {env.out}: {os.strerror(errno.ENOSPC)}"]
     assert not env.out.exists() and staging_leftovers(env.out) == []
@@ -843,13 +828,13 @@ def test_disk_full_is_one_line_without_a_mount(env, capsys, monkeypatch):
 
 def test_disk_full_keeps_the_previous_output(env, capsys, monkeypatch):
     """With --overwrite, a failed write leaves the previous output exactly as it was."""
-    assert main(["transfer", "-q", *env.argv()]) == 0
+    assert main([*env.argv(), "-q"]) == 0
     before = snapshot(env.out)
     import crosslora.io.peft_adapter
 
     monkeypatch.setattr(crosslora.io.peft_adapter, "write_safetensors", _disk_full)
     capsys.readouterr()
-    assert main(["transfer", "-q", *env.argv(), "--overwrite"]) == 2
+    assert main([*env.argv(), "-q", "--overwrite"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert snapshot(env.out) == before and staging_leftovers(env.out) == []
 
@@ -867,7 +852,7 @@ def test_nan_in_one_module_skips_it_with_a_warning(env, capsys):
     bad = "model.layers.1.self_attn.v_proj"
     ad = env.copy_adapter(tensors=lambda t: nan_b(t, lambda k: f".{bad}." in k))
     capsys.readouterr()
-    assert main(["transfer", "-q", *env.argv(adapter=ad)]) == 0
+    assert main([*env.argv(adapter=ad), "-q"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: skipping {bad}: the adapter's factors contain NaN or Inf"]
     written = load_file(env.out / "adapter_model.safetensors")
@@ -886,7 +871,7 @@ def test_inf_in_one_base_weight_skips_that_module(env, capsys):
 
     tgt = env.copy_model(tensors=poison)
     capsys.readouterr()
-    assert main(["transfer", "-q", *env.argv(tgt=tgt, method="cross-lora")]) == 0
+    assert main([*env.argv(tgt=tgt, method="cross-lora"), "-q"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: skipping model.layers.0.mlp.gate_proj: base weight "
                    "model.layers.0.mlp.gate_proj contains NaN or Inf"]  # fmt: skip
@@ -910,16 +895,3 @@ def test_no_remote_code_anywhere():
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for name, sub in commands.choices.items():
         assert "remote" not in sub.format_help(), name
-
-
-def test_outcomes_summary(capsys):
-    """How each table case ended (set CROSSLORA_OUTCOMES=1 to print the table)."""
-    if os.environ.get("CROSSLORA_OUTCOMES"):
-        with capsys.disabled():
-            print(f"\n{len(OUTCOMES)} of {len(CASES)} table cases ran in-process:")
-            for name, line in OUTCOMES.items():
-                print(f"  {name:<40} exit 2  {line.removeprefix('crosslora: error: ')}")
-            print(f"{len(BY_SUBPROCESS)} through the console script:")
-            for name, line in BY_SUBPROCESS.items():
-                print(f"  {name:<40} exit 2  {line.removeprefix('crosslora: error: ')}")
-    assert set(OUTCOMES) <= set(CASES)

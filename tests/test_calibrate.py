@@ -1,4 +1,4 @@
-"""The function-level calibration of ``matched`` (``anchor.calibrate``): its least squares, its
+"""The function-level calibration of ``matched`` (``methods.matched.calibrate``): its least squares, its
 weight patching, and the chunk log-likelihoods it compares."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from crosslora.anchor import calibrate as cal
-from crosslora.anchor.probe import ProbeBatch
+from crosslora.methods.matched import calibrate as cal
+from crosslora.methods.matched.probe import ProbeBatch
 
 
 def brute_force_nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import transfer_argv
+from crosslora import MatchedParams, TransferOptions, transfer
 from crosslora.cli import main
 from crosslora.io.peft_adapter import read_adapter
 from crosslora.lora import LoraFactors
-from crosslora.methods.matched import DRAW_STRIDE
 
 # different widths and depths (3 -> 4 layers), one source module per target module: the mean of
 # the two written single-draw adapters is then what --draws 2 cuts back to rank r
@@ -21,10 +22,8 @@ PAIR = ("gemma3_text", "llama-deep")
 
 def run(tiny_model, tiny_adapter, out: Path, *extra: str) -> int:
     src, tgt = PAIR
-    argv = ["transfer", "-q", "--adapter", str(tiny_adapter(src)), "--source-model",
-            str(tiny_model(src)), "--target-model", str(tiny_model(tgt)), "--out-path", str(out),
-            "--method", "matched", *extra]  # fmt: skip
-    return main(argv)
+    return main(transfer_argv(tiny_adapter(src), tiny_model(src), tiny_model(tgt), out, "matched",
+                              "-q", *extra))  # fmt: skip
 
 
 def factors(adapter: Path) -> dict[str, LoraFactors]:
@@ -32,18 +31,18 @@ def factors(adapter: Path) -> dict[str, LoraFactors]:
     return {m: read.factors(m).to("cpu", torch.float64) for m in read.modules}
 
 
-def test_draws_keep_the_mean_update_of_independent_draws(
-    tiny_model, tiny_adapter, tmp_path, monkeypatch
-):
+def test_draws_keep_the_mean_update_of_independent_draws(tiny_model, tiny_adapter, tmp_path):
     """``--draws 2`` writes, module by module, the best rank-r approximation of the mean of the
-    two updates that single transfers from probe seeds 0 and ``DRAW_STRIDE`` write, and reports
+    two updates that single transfers from probe seeds 0 and ``draw_stride`` write, and reports
     each draw's calibration."""
-    import crosslora.methods.matched as matched
-
     assert run(tiny_model, tiny_adapter, tmp_path / "both", "--draws", "2") == 0
     assert run(tiny_model, tiny_adapter, tmp_path / "first") == 0
-    monkeypatch.setattr(matched, "SEED", matched.SEED + DRAW_STRIDE)
-    assert run(tiny_model, tiny_adapter, tmp_path / "second") == 0
+    params = MatchedParams()
+    seeds = [params.seed, params.seed + params.draw_stride]
+    src, tgt = PAIR
+    options = TransferOptions(method="matched", params=MatchedParams(seed=seeds[1]))
+    transfer(str(tiny_adapter(src)), str(tiny_model(src)), str(tiny_model(tgt)),
+             tmp_path / "second", options, progress=False)  # fmt: skip
     both, first, second = (factors(tmp_path / n) for n in ("both", "first", "second"))
     assert both.keys() == first.keys() == second.keys()
     r = read_adapter(tmp_path / "both").r
@@ -61,7 +60,7 @@ def test_draws_keep_the_mean_update_of_independent_draws(
     assert differ > 0.05, "the two draws must differ, or this test shows nothing"
     report = json.loads((tmp_path / "both" / "transfer_report.json").read_text())
     draws = report["method_diagnostics"]["draws"]
-    assert [d["probe_seed"] for d in draws] == [matched.SEED - DRAW_STRIDE, matched.SEED]
+    assert [d["probe_seed"] for d in draws] == seeds
     assert all("calibration" in d and "probe_effect" in d for d in draws)
     assert report["settings"]["draws"] == 2
 

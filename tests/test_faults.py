@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from conftest import snapshot, transfer_argv
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 from crosslora.io.output import remove_stale_staging
@@ -25,8 +26,9 @@ from crosslora.io.peft_adapter import read_adapter, read_adapter_config
 from crosslora.io.safetensors_file import DTYPE_BYTES, TensorFile, read_header
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+MIN_INPUTS = 100  # inputs each fuzz target must have been given for its test to pass
 OUTCOMES: dict[str, dict[str, int]] = {}  # fuzz target -> {"ok": n, "CrossLoraError": n}
 
 
@@ -36,12 +38,30 @@ def tally(target: str, outcome: str) -> None:
 
 
 def outcome_of(fn, *args) -> str:
-    """``ok`` or ``CrossLoraError``; any other exception fails the test (with its traceback)."""
+    """``ok`` or ``CrossLoraError``; any other exception propagates, and Hypothesis fails the
+    test with it (``test_any_other_exception_fails_the_fuzz_test``)."""
     try:
         fn(*args)
     except CrossLoraError:
         return "CrossLoraError"
     return "ok"
+
+
+def run_fuzz(examples, expect: dict[str, set[str]], capsys, **fixtures) -> None:
+    """Run the Hypothesis test ``examples`` with ``fixtures``, then check what its inputs came
+    to, per fuzz target: at least ``MIN_INPUTS`` of them, and every outcome in ``expect`` seen
+    (so the fuzz reached the paths that accept and those that refuse). Set CROSSLORA_OUTCOMES=1
+    to print the counts."""
+    for target in expect:
+        OUTCOMES.pop(target, None)
+    examples(**fixtures)
+    for target, outcomes in expect.items():
+        counts = OUTCOMES.get(target, {})
+        if os.environ.get("CROSSLORA_OUTCOMES"):
+            with capsys.disabled():
+                print(f"\n  {target}: {sum(counts.values())} inputs, {counts}", end="")
+        assert sum(counts.values()) >= MIN_INPUTS, (target, counts)
+        assert outcomes <= set(counts) <= {"ok", "CrossLoraError"}, (target, counts)
 
 
 # --- strategies ------------------------------------------------------------------------------
@@ -124,15 +144,20 @@ def base_config(tiny_adapter) -> dict:
 
 @FUZZ
 @given(raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
-def test_fuzz_adapter_config_raw_bytes(raw, fuzz_dir):
+def fuzz_adapter_config_raw_bytes(raw, fuzz_dir):
     path = fuzz_dir / "raw_config.json"
     path.write_bytes(raw)
     tally("read_adapter_config(random bytes)", outcome_of(read_adapter_config, path))
 
 
+def test_fuzz_adapter_config_raw_bytes(fuzz_dir, capsys):
+    expect = {"read_adapter_config(random bytes)": {"CrossLoraError"}}
+    run_fuzz(fuzz_adapter_config_raw_bytes, expect, capsys, fuzz_dir=fuzz_dir)
+
+
 @FUZZ
 @given(edits=config_edits, drop=st.lists(st.sampled_from(sorted(plausible)), max_size=3))
-def test_fuzz_read_adapter_with_random_configs(edits, drop, fuzz_dir, base_config):
+def fuzz_read_adapter_with_random_configs(edits, drop, fuzz_dir, base_config):
     config = {**base_config, **edits}
     for key in drop:
         config.pop(key, None)
@@ -147,6 +172,13 @@ def test_fuzz_read_adapter_with_random_configs(edits, drop, fuzz_dir, base_confi
             assert m.r > 0 and abs(m.scale) < float("inf")
 
 
+def test_fuzz_read_adapter_with_random_configs(fuzz_dir, base_config, capsys):
+    both = {"ok", "CrossLoraError"}
+    run_fuzz(fuzz_read_adapter_with_random_configs,
+             {"read_adapter_config(random fields)": both, "read_adapter(random config)": both},
+             capsys, fuzz_dir=fuzz_dir, base_config=base_config)  # fmt: skip
+
+
 # --- fuzz: safetensors headers -----------------------------------------------------------------
 
 
@@ -159,18 +191,29 @@ def read_everything(path: Path) -> None:
 
 @FUZZ
 @given(raw=st.binary(max_size=300))
-def test_fuzz_safetensors_random_bytes(raw, fuzz_dir):
+def fuzz_safetensors_random_bytes(raw, fuzz_dir):
     path = fuzz_dir / "random.safetensors"
     path.write_bytes(raw)
     tally("read_header(random bytes)", outcome_of(read_header, path))
 
 
+def test_fuzz_safetensors_random_bytes(fuzz_dir, capsys):
+    run_fuzz(fuzz_safetensors_random_bytes, {"read_header(random bytes)": {"CrossLoraError"}},
+             capsys, fuzz_dir=fuzz_dir)  # fmt: skip
+
+
 @FUZZ
 @given(header=headers, data=st.binary(max_size=600), length=st.none() | st.integers(0, 2**64 - 1))
-def test_fuzz_safetensors_random_headers(header, data, length, fuzz_dir):
+def fuzz_safetensors_random_headers(header, data, length, fuzz_dir):
     path = fuzz_dir / "header.safetensors"
     path.write_bytes(pack(header, data, length))
     tally("TensorFile(random header) + get()", outcome_of(read_everything, path))
+
+
+def test_fuzz_safetensors_random_headers(fuzz_dir, capsys):
+    run_fuzz(fuzz_safetensors_random_headers,
+             {"TensorFile(random header) + get()": {"ok", "CrossLoraError"}}, capsys,
+             fuzz_dir=fuzz_dir)  # fmt: skip
 
 
 @FUZZ
@@ -180,8 +223,8 @@ def test_fuzz_safetensors_random_headers(header, data, length, fuzz_dir):
     field=st.none() | st.tuples(st.integers(0, 40), st.sampled_from(["dtype", "shape", "data_offsets"]),
                                 json_values),
 )  # fmt: skip
-def test_fuzz_safetensors_mutations_of_a_valid_adapter(flips, cut, field, fuzz_dir, base_config,
-                                                       tiny_adapter):  # fmt: skip
+def fuzz_safetensors_mutations_of_a_valid_adapter(flips, cut, field, fuzz_dir, base_config,
+                                                  tiny_adapter):  # fmt: skip
     """Mutate the real adapter file (a header field, bytes, the length) and read it as an adapter."""
     target = fuzz_dir / "mutated"
     target.mkdir(exist_ok=True)
@@ -202,13 +245,51 @@ def test_fuzz_safetensors_mutations_of_a_valid_adapter(flips, cut, field, fuzz_d
     tally("read_adapter(mutated safetensors) + get()", result)
 
 
-def test_fuzz_summary(capsys):
-    """How the fuzz examples ended (set CROSSLORA_OUTCOMES=1 to print it): all ok or clean."""
-    if os.environ.get("CROSSLORA_OUTCOMES"):
-        with capsys.disabled():
-            for target, counts in OUTCOMES.items():
-                print(f"\n  {target}: {sum(counts.values())} inputs, {counts}", end="")
-    assert all(set(c) <= {"ok", "CrossLoraError"} for c in OUTCOMES.values())
+def test_fuzz_safetensors_mutations_of_a_valid_adapter(fuzz_dir, base_config, tiny_adapter,
+                                                       capsys):  # fmt: skip
+    run_fuzz(fuzz_safetensors_mutations_of_a_valid_adapter,
+             {"read_adapter(mutated safetensors) + get()": {"ok", "CrossLoraError"}}, capsys,
+             fuzz_dir=fuzz_dir, base_config=base_config, tiny_adapter=tiny_adapter)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [ValueError("v"), TypeError("t"), KeyError("k"), IndexError("i"), OverflowError("o"),
+     RecursionError("r"), MemoryError(), OSError(5, "io"), json.JSONDecodeError("j", "{", 0),
+     UnicodeDecodeError("utf-8", b"\xff", 0, 1, "u"), AssertionError("a"), RuntimeError("t")],
+    ids=lambda e: type(e).__name__,
+)  # fmt: skip
+def test_any_other_exception_fails_the_fuzz_test(exc, tmp_path, capsys):
+    """The fuzz tests can fail: ``outcome_of`` lets every exception but CrossLoraError through,
+    Hypothesis fails the test with it, and ``run_fuzz`` fails a target that was not fuzzed or
+    never reached an outcome it expects."""
+
+    def boom(error: BaseException = exc):
+        raise error
+
+    assert outcome_of(lambda: None) == "ok"
+    assert outcome_of(boom, CrossLoraError("clean")) == "CrossLoraError"
+    with pytest.raises(type(exc)):
+        outcome_of(boom)
+
+    @settings(FUZZ, max_examples=5)
+    @given(n=st.integers())
+    def failing(n, where):
+        tally("meta(failing)", outcome_of(boom))
+
+    with pytest.raises(type(exc)):
+        run_fuzz(failing, {"meta(failing)": set()}, capsys, where=tmp_path)
+
+    @settings(FUZZ, max_examples=MIN_INPUTS)
+    @given(n=st.integers())
+    def accepting(n, where):
+        tally("meta(accepting)", outcome_of(lambda: None))
+
+    run_fuzz(accepting, {"meta(accepting)": {"ok"}}, capsys, where=tmp_path)
+    with pytest.raises(AssertionError):  # it never refused
+        run_fuzz(accepting, {"meta(accepting)": {"ok", "CrossLoraError"}}, capsys, where=tmp_path)
+    with pytest.raises(AssertionError):  # not fuzzed at all
+        run_fuzz(lambda **_: None, {"meta(nothing)": set()}, capsys)
 
 
 # --- fault injection: kill or interrupt a transfer while it writes -----------------------------
@@ -311,21 +392,15 @@ class Child:
         return self.errfile.read_text() if self.errfile.exists() else ""
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}  # fmt: skip
-
-
 def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-def transfer_argv(adapter: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    """On the CPU: the children are forked, and a forked process cannot use CUDA once the test
-    process has (the write path under test is the same on every device)."""
-    return ["transfer", "-q", "--adapter", str(adapter), "--source-model", str(model),
-            "--target-model", str(model), "--out-path", str(out), "--method", "copy",
-            "--device", "cpu", *extra]  # fmt: skip
+def copy_on_cpu(adapter: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    """The adapter copied onto its own model, quietly, on the CPU: the children are forked, and
+    a forked process cannot use CUDA once the test process has (the write path under test is
+    the same on every device)."""
+    return transfer_argv(adapter, model, model, out, "copy", "-q", "--device", "cpu", *extra)
 
 
 @pytest.fixture
@@ -336,10 +411,10 @@ def setup(tiny_model, tiny_adapter, tmp_path):
     return model, adapter, work / "out"
 
 
-def previous_output(model: Path, adapter: Path, out: Path) -> dict[str, bytes]:
+def previous_output(model: Path, adapter: Path, out: Path) -> dict[str, bytes | None]:
     """A complete earlier output (a bfloat16 copy, so that it differs from the float32 copy;
     another method onto the same model is refused)."""
-    assert main([*transfer_argv(adapter, model, out), "--dtype", "bfloat16"]) == 0
+    assert main([*copy_on_cpu(adapter, model, out), "--dtype", "bfloat16"]) == 0
     return snapshot(out)
 
 
@@ -352,7 +427,7 @@ def previous_output(model: Path, adapter: Path, out: Path) -> dict[str, bytes]:
 def test_sigkill_during_the_write(phase, previous, setup, tmp_path):
     model, adapter, out = setup
     before = previous_output(model, adapter, out) if previous else None
-    argv = transfer_argv(adapter, model, out, *(["--overwrite"] if previous else []))
+    argv = copy_on_cpu(adapter, model, out, *(["--overwrite"] if previous else []))
     child = Child(tmp_path, argv, phase)
     assert leftovers(out), "the child paused outside its staging folder"  # writing, not done
     assert child.kill(signal.SIGKILL) == -signal.SIGKILL
@@ -363,7 +438,7 @@ def test_sigkill_during_the_write(phase, previous, setup, tmp_path):
         assert not out.exists()
     # the killed run's staging folder is all that is left, and the next run clears it
     assert remove_stale_staging(out) and leftovers(out) == []
-    assert main(transfer_argv(adapter, model, out, "--overwrite")) == 0
+    assert main(copy_on_cpu(adapter, model, out, "--overwrite")) == 0
     assert read_adapter(out).modules and leftovers(out) == []
 
 
@@ -372,11 +447,11 @@ def test_sigkill_between_the_two_renames_is_repaired(setup, tmp_path, capsys):
     one in leaves the old one aside; the next run puts it back before doing anything else."""
     model, adapter, out = setup
     before = previous_output(model, adapter, out)
-    child = Child(tmp_path, transfer_argv(adapter, model, out, "--overwrite"), "between")
+    child = Child(tmp_path, copy_on_cpu(adapter, model, out, "--overwrite"), "between")
     assert child.kill(signal.SIGKILL) == -signal.SIGKILL
     assert not out.exists() and any(".old-" in n for n in leftovers(out))
     capsys.readouterr()
-    assert main(transfer_argv(adapter, model, out)) == 2  # not empty again: refused, as it must be
+    assert main(copy_on_cpu(adapter, model, out)) == 2  # not empty again: refused, as it must be
     assert "is not empty" in capsys.readouterr().err
     assert snapshot(out) == before and leftovers(out) == []
 
@@ -392,7 +467,7 @@ def test_interrupt_during_the_write(sig, code, word, previous, phase, setup, tmp
     """Ctrl-C (or SIGTERM) while writing: its exit code, one line, nothing written or kept."""
     model, adapter, out = setup
     before = previous_output(model, adapter, out) if previous else None
-    argv = transfer_argv(adapter, model, out, *(["--overwrite"] if previous else []))
+    argv = copy_on_cpu(adapter, model, out, *(["--overwrite"] if previous else []))
     child = Child(tmp_path, argv, phase)
     assert child.kill(sig) == code, child.stderr()
     assert child.stderr().strip().splitlines() == [f"crosslora: {word}; nothing was written"]
@@ -408,7 +483,7 @@ def test_sigkill_black_box(setup, tmp_path):
     before = previous_output(model, adapter, out)
     landed = {"during the write": 0, "after it": 0}
     for _ in range(5):
-        child = Child(tmp_path, transfer_argv(adapter, model, out, "--overwrite"), None)
+        child = Child(tmp_path, copy_on_cpu(adapter, model, out, "--overwrite"), None)
         deadline = time.monotonic() + 120
         while child.poll() is None and time.monotonic() < deadline:
             if any((out.parent / n / "adapter_config.json").exists() for n in leftovers(out)):

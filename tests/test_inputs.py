@@ -4,14 +4,21 @@ checkpoints, unknown architectures."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import build_model, delta_weights, load_with_adapter, make_adapter, model_copy
+from conftest import (
+    build_model,
+    copy_folder,
+    delta_weights,
+    load_with_adapter,
+    make_adapter,
+    pickle_adapter,
+    transfer_argv,
+)
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
@@ -19,12 +26,8 @@ from crosslora.io.peft_adapter import read_adapter
 
 
 def run(*argv: str) -> int:
-    return main(["transfer", "-q", *argv])
-
-
-def transfer_argv(adapter, src, tgt, out, method="copy"):
-    return ["--adapter", str(adapter), "--source-model", str(src), "--target-model", str(tgt),
-            "--out-path", str(out), "--method", method]  # fmt: skip
+    """``crosslora transfer ...`` (``argv`` from ``transfer_argv``), quietly: its exit code."""
+    return main([*argv, "-q"])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,7 +59,7 @@ def test_peft_config_fields_are_honoured(lora_kwargs, tiny_model, tmp_path):
     # and a transfer to another family keeps each module's scale (here: full-rank cross-lora
     # onto a copy of the same model, which must reproduce ΔW through the written rank/alpha
     # patterns)
-    out2, same = tmp_path / "out2", model_copy(model, tmp_path / "same")
+    out2, same = tmp_path / "out2", copy_folder(model, tmp_path / "same")
     assert (
         run(*transfer_argv(adapter, model, same, out2, "cross-lora"), "--truncation-rank", "full")
         == 0
@@ -76,10 +79,7 @@ def test_fan_in_fan_out_adapter_on_conv1d(tiny_model, tiny_adapter):
 def test_pickle_adapter_needs_the_flag(tiny_model, tiny_adapter, tmp_path, capsys):
     model = tiny_model("llama")
     src = tiny_adapter("llama")
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    shutil.copy(src / "adapter_config.json", pickled)
-    torch.save(load_file(src / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    pickled = pickle_adapter(src, tmp_path / "pickled")
     capsys.readouterr()
     assert run(*transfer_argv(pickled, model, model, tmp_path / "o1")) == 2
     assert "--allow-pickle" in capsys.readouterr().err
@@ -95,33 +95,17 @@ def test_pickle_adapter_needs_the_flag(tiny_model, tiny_adapter, tmp_path, capsy
 def test_pickle_with_code_is_refused_even_with_the_flag(tiny_model, tiny_adapter, tmp_path, capsys):
     """weights_only=True: a pickle that would run code does not load."""
     model = tiny_model("llama")
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    shutil.copy(tiny_adapter("llama") / "adapter_config.json", evil)
     marker = tmp_path / "pwned"
 
     class Boom:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    torch.save({"x": Boom()}, evil / "adapter_model.bin")
+    evil = pickle_adapter(tiny_adapter("llama"), tmp_path / "evil", {"x": Boom()})
     capsys.readouterr()
     assert run(*transfer_argv(evil, model, model, tmp_path / "o"), "--allow-pickle") == 2
     assert not marker.exists()
     assert "cannot load" in capsys.readouterr().err
-
-
-def edited_adapter(src: Path, dst: Path, config_edit=None, tensors_edit=None) -> Path:
-    shutil.copytree(src, dst)
-    if config_edit:
-        config = json.loads((dst / "adapter_config.json").read_text())
-        config_edit(config)
-        (dst / "adapter_config.json").write_text(json.dumps(config))
-    if tensors_edit:
-        tensors = load_file(dst / "adapter_model.safetensors")
-        tensors_edit(tensors)
-        save_file(tensors, dst / "adapter_model.safetensors")
-    return dst
 
 
 @pytest.mark.parametrize(
@@ -142,7 +126,7 @@ def edited_adapter(src: Path, dst: Path, config_edit=None, tensors_edit=None) ->
 def test_unsupported_adapters_are_refused_in_one_line(config_edit, tensors_edit, message, tiny_model,
                                                       tiny_adapter, tmp_path, capsys):  # fmt: skip
     model = tiny_model("llama")
-    bad = edited_adapter(tiny_adapter("llama"), tmp_path / "bad", config_edit, tensors_edit)
+    bad = copy_folder(tiny_adapter("llama"), tmp_path / "bad", config_edit, tensors_edit)
     capsys.readouterr()
     assert run(*transfer_argv(bad, model, model, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -152,13 +136,13 @@ def test_unsupported_adapters_are_refused_in_one_line(config_edit, tensors_edit,
 
 def test_modules_to_save_are_dropped_with_a_warning(tiny_model, tiny_adapter, tmp_path, capsys):
     model = tiny_model("llama")
-    bad = edited_adapter(
+    bad = copy_folder(
         tiny_adapter("llama"), tmp_path / "mts",
         lambda c: c.update(modules_to_save=["lm_head"]),
         lambda t: t.update({"base_model.model.lm_head.modules_to_save.weight": torch.ones(96, 32)}),
     )  # fmt: skip
     capsys.readouterr()
-    assert main(["transfer", *transfer_argv(bad, model, model, tmp_path / "out")]) == 0
+    assert main(transfer_argv(bad, model, model, tmp_path / "out")) == 0
     err = capsys.readouterr().err
     assert "dropping 1 adapter tensor(s)" in err and "modules_to_save=['lm_head']" in err
     assert "lm_head" not in "".join(load_file(tmp_path / "out/adapter_model.safetensors"))
@@ -201,7 +185,7 @@ def test_hub_ids_resolve_from_the_local_hub_cache_offline(
         ("acme/tiny-qwen2", tiny_model("qwen2")),
     ):
         root = cache / f"models--{repo.replace('/', '--')}"
-        shutil.copytree(folder, root / "snapshots" / commit)
+        copy_folder(folder, root / "snapshots" / commit)
         (root / "refs").mkdir()
         (root / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -226,11 +210,7 @@ def test_hub_ids_resolve_from_the_local_hub_cache_offline(
 
 
 def test_unknown_model_type_lists_what_is_supported(tiny_model, tiny_adapter, tmp_path, capsys):
-    odd = tmp_path / "odd"
-    shutil.copytree(tiny_model("llama"), odd)
-    config = json.loads((odd / "config.json").read_text())
-    config["model_type"] = "mamba"
-    (odd / "config.json").write_text(json.dumps(config))
+    odd = copy_folder(tiny_model("llama"), tmp_path / "odd", lambda c: c.update(model_type="mamba"))
     capsys.readouterr()
     assert run(*transfer_argv(tiny_adapter("llama"), tiny_model("llama"), odd, tmp_path / "o")) == 2
     err = capsys.readouterr().err

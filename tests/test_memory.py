@@ -8,11 +8,21 @@ import pytest
 import torch
 
 import crosslora.memory as memory
-from crosslora.anchor.probe import ProbeBatch, Spilled, activation_bytes, collect, load_model
+from conftest import transfer_argv
 from crosslora.arch.layout import Layout
 from crosslora.cli import main
+from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.spool import Spool
+from crosslora.memory import MemoryNeed
+from crosslora.methods import METHODS, get_method
+from crosslora.methods.matched.probe import (
+    ProbeBatch,
+    Spilled,
+    activation_bytes,
+    collect,
+    load_model,
+)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "phi3"])
@@ -43,32 +53,87 @@ def test_the_estimate_is_what_the_probe_keeps_and_the_model_holds(tiny_model, na
     assert memory.parameter_bytes(layout.checkpoint) == 4 * params
 
 
-def transfer_argv(tiny_model, tiny_adapter, out, method="matched"):
-    return ["transfer", "--adapter", str(tiny_adapter("llama")), "--source-model",
-            str(tiny_model("llama")), "--target-model", str(tiny_model("gemma3_text")),
-            "--out-path", str(out), "--method", method]  # fmt: skip
+@pytest.fixture
+def pair(tiny_model, tiny_adapter) -> tuple:
+    """(adapter, source, target): the llama adapter, onto gemma3_text."""
+    return tiny_adapter("llama"), tiny_model("llama"), tiny_model("gemma3_text")
 
 
-def test_the_plan_says_what_matched_needs(tiny_model, tiny_adapter, tmp_path, capsys):
-    assert main([*transfer_argv(tiny_model, tiny_adapter, tmp_path / "o"), "--dry-run"]) == 0
+def layouts(*models) -> list[Layout]:
+    return [Layout(Checkpoint(m, "model"), "model") for m in models]
+
+
+# Methods that stream the base weights one tensor at a time: they need nothing beyond that, and
+# say so with None. Every other method must give its estimate.
+STREAMING = {"anchored", "copy", "crop-pad", "cross-lora", "lora-x"}
+WHOLE_MODEL = {"matched"}
+
+
+def test_every_method_is_known_to_stream_or_to_give_an_estimate():
+    assert set(METHODS) == STREAMING | WHOLE_MODEL and not STREAMING & WHOLE_MODEL
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("name", sorted(STREAMING))
+def test_a_streaming_method_needs_nothing_beyond_streaming(name, device, pair):
+    """None is the method's answer "no extra memory", so the plan prints no ``memory:`` line and
+    nothing is checked; only a streaming method may give it."""
+    _, src, tgt = pair
+    assert get_method(name).memory(*layouts(src, tgt), torch.device(device)) is None
+
+
+def test_matched_estimates_both_models_its_activations_and_its_fits(pair):
+    """Host, device and disk bytes of ``matched`` on the tiny pair (a ``cuda`` device is only
+    named: nothing is allocated), from what its ``memory`` docstring says it holds."""
+    import crosslora.methods.matched as matched
+
+    src, tgt = layouts(*pair[1:])
+    method = get_method("matched")
+    p = method.params
+    m_s, m_t = memory.parameter_bytes(src.checkpoint), memory.parameter_bytes(tgt.checkpoint)
+    a_s = activation_bytes(src, p.n_texts * p.text_tokens)
+    a_t = activation_bytes(tgt, p.n_texts * p.text_tokens)
+    fits = matched._fit_bytes(src, tgt)
+    # the logits of 4 texts of up to twice text_tokens tokens, and a copy, in float32
+    logits = 2 * 4 * (4 * 2 * p.text_tokens) * max(src.dims.vocab, tgt.dims.vocab)
+    one_layer = 3 * (max(a_s) + max(a_t))  # a layer's rows, float32 and float64, on each side
+    assert min(m_s, m_t, fits, logits, min(a_s), min(a_t)) > 0
+    runtime = matched.RUNTIME_BYTES
+
+    cpu = method.memory(src, tgt, torch.device("cpu"))
+    assert isinstance(cpu, MemoryNeed)
+    assert cpu.host == runtime + max(m_s + m_t + logits, one_layer + fits)
+    assert cpu.host >= runtime + m_s + m_t  # both models at once, whatever else
+    assert cpu.device == 0  # on the CPU everything is in host
+    assert cpu.disk == sum(a_s) + sum(a_t)  # every probe activation, parked beside the output
+    gpu = method.memory(src, tgt, torch.device("cuda"))
+    assert isinstance(gpu, MemoryNeed)
+    assert gpu.host == runtime + max(m_s, m_t, one_layer)
+    assert gpu.device == max(m_s + m_t + logits, fits) >= m_s + m_t
+    assert gpu.disk == cpu.disk and gpu.what == cpu.what
+    assert f"the activations at {p.n_texts * p.text_tokens} probe positions" in cpu.what
+    assert cpu.describe().startswith(f"about {memory.gb(cpu.host)} of RAM and ")
+    assert f" on the device and {memory.gb(gpu.disk)} of disk" in gpu.describe()
+
+
+def test_the_plan_says_what_matched_needs(pair, tmp_path, capsys):
+    assert main([*transfer_argv(*pair, tmp_path / "o", "matched"), "--dry-run"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("memory: ")]
     assert len(lines) == 1 and "GB of disk beside the output (both models in float32" in lines[0], (
         lines
     )
-    assert main([*transfer_argv(tiny_model, tiny_adapter, tmp_path / "o", "crop-pad"),
-                 "--dry-run"]) == 0  # fmt: skip
+    assert main([*transfer_argv(*pair, tmp_path / "o", "crop-pad"), "--dry-run"]) == 0
     assert "memory:" not in capsys.readouterr().out  # streaming methods need no estimate
 
 
-def test_a_transfer_that_cannot_fit_is_refused_before_it_starts(
-    tiny_model, tiny_adapter, tmp_path, capsys, monkeypatch
-):
+def test_a_transfer_that_cannot_fit_is_refused_before_it_starts(pair, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
     monkeypatch.setattr(memory, "available", lambda device: (10**6, None))  # 1 MB free
     loaded = []
     monkeypatch.setattr("crosslora.methods.matched.load_model", lambda *a: loaded.append(a))
     out = tmp_path / "out"
     capsys.readouterr()
-    assert main(transfer_argv(tiny_model, tiny_adapter, out)) == 2
+    assert main(transfer_argv(*pair, out, "matched")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("crosslora: error: the matched method needs about "), err
@@ -76,24 +141,51 @@ def test_a_transfer_that_cannot_fit_is_refused_before_it_starts(
     assert not out.exists() and not loaded
 
 
-def test_a_transfer_without_the_disk_for_its_activations_is_refused(
-    tiny_model, tiny_adapter, tmp_path, capsys, monkeypatch
-):
+def test_a_transfer_without_the_disk_for_its_activations_is_refused(pair, tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
     free = shutil.disk_usage(tmp_path)._replace(free=1000)
     monkeypatch.setattr(memory.shutil, "disk_usage", lambda folder: free)
     out = tmp_path / "out"
     capsys.readouterr()
-    assert main(transfer_argv(tiny_model, tiny_adapter, out)) == 2
+    assert main(transfer_argv(*pair, out, "matched")) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith("crosslora: error: the matched method needs about 0.0 GB of disk "), err
     assert err.endswith(", and it has 0.0 GB free"), err
     assert not out.exists()
 
 
+def meminfo_kib(*fields: str) -> int:
+    lines = memory.MEMINFO.read_text().splitlines()
+    values = dict(line.split(":", 1) for line in lines if ":" in line)
+    return sum(int(values[f].split()[0]) for f in fields)
+
+
 def test_available_memory_is_read_from_the_system():
+    """On Linux, the free RAM and swap now: a real number, at most all of RAM and swap."""
+    if not memory.MEMINFO.is_file():
+        pytest.skip(f"no {memory.MEMINFO} (not Linux)")
     host, dev = memory.available(torch.device("cpu"))
-    assert dev is None
-    assert host is None or host > 0
+    assert dev is None  # no device memory on the CPU
+    assert isinstance(host, int) and 0 < host <= 1024 * meminfo_kib("MemTotal", "SwapTotal")
+
+
+def test_available_memory_is_memavailable_plus_free_swap(tmp_path, monkeypatch):
+    """MemAvailable + SwapFree, in bytes; None (nothing checked) only where they cannot be read."""
+    fake = tmp_path / "meminfo"
+    monkeypatch.setattr(memory, "MEMINFO", fake)
+    fake.write_text("MemTotal:  1000 kB\nMemFree:  10 kB\nMemAvailable:  300 kB\n"
+                    "SwapTotal:  64 kB\nSwapFree:  20 kB\n")  # fmt: skip
+    assert memory.available(torch.device("cpu")) == (320 * 1024, None)
+    need = MemoryNeed(host=400 * 1024, device=0, what="test")
+    with pytest.raises(CrossLoraError, match="needs about 0.0 GB of RAM .* has 0.0 GB available"):
+        memory.check_fits(need, torch.device("cpu"), "test", tmp_path)
+    memory.check_fits(MemoryNeed(320 * 1024, 0, "test"), torch.device("cpu"), "test", tmp_path)
+    for unreadable in ("MemTotal:  1000 kB\nSwapFree:  20 kB\n", "MemAvailable: lots\n"):
+        fake.write_text(unreadable)
+        assert memory.available(torch.device("cpu")) == (None, None), unreadable
+        memory.check_fits(need, torch.device("cpu"), "test", tmp_path)  # cannot tell: no refusal
+    fake.unlink()
+    assert memory.available(torch.device("cpu")) == (None, None)
 
 
 def test_matched_holds_one_layers_fits_within_its_estimate(tiny_model, tiny_adapter, tmp_path,
@@ -102,21 +194,19 @@ def test_matched_holds_one_layers_fits_within_its_estimate(tiny_model, tiny_adap
     import crosslora.methods.matched as matched
 
     held: list[tuple[set, int]] = []
-    fit = matched.Matched._fit
+    fit = matched._fit
 
-    def spy(self, key, make, ls, lt):
-        value = fit(self, key, make, ls, lt)
-        values = [v for _, _, v in self._fits.values()]
+    def spy(pair, key, make, ls, lt):
+        value = fit(pair, key, make, ls, lt)
+        values = [v for _, _, v in pair.fits.values()]
         tensors = [v.chol if isinstance(v, matched.Ridge) else v[0] for v in values]
-        held.append(({(s, t) for s, t, _ in self._fits.values()}, sum(t.nbytes for t in tensors)))
+        held.append(({(s, t) for s, t, _ in pair.fits.values()}, sum(t.nbytes for t in tensors)))
         return value
 
-    monkeypatch.setattr(matched.Matched, "_fit", spy)
+    monkeypatch.setattr(matched, "_fit", spy)
     src, tgt = tiny_model("llama-deep"), tiny_model("gemma3_text")
-    argv = ["transfer", "-q", "--adapter", str(tiny_adapter("llama-deep")), "--source-model",
-            str(src), "--target-model", str(tgt), "--out-path", str(tmp_path / "o")]  # fmt: skip
-    assert main(argv) == 0
-    layouts = [Layout(Checkpoint(p, "model"), "model") for p in (src, tgt)]
-    assert held and max(b for _, b in held) <= matched._fit_bytes(*layouts)
+    argv = transfer_argv(tiny_adapter("llama-deep"), src, tgt, tmp_path / "o", None, "-q")
+    assert main(argv) == 0  # the default method: matched
+    assert held and max(b for _, b in held) <= matched._fit_bytes(*layouts(src, tgt))
     assert all(len({t for _, t in scopes}) == 1 for scopes, _ in held)  # one target layer
     assert len({t for scopes, _ in held for _, t in scopes}) > 1  # and several in turn

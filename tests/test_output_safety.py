@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_folder, snapshot, transfer_argv
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 from crosslora.io.output import (
@@ -48,39 +49,24 @@ class Tree:
     def __init__(self, tmp: Path, tiny_model, tiny_adapter) -> None:
         self.tmp = tmp
         self.inputs = tmp / "in"
-        self.adapter = self._copy(tiny_adapter("llama"), "a/adapter")
-        self.src = self._copy(tiny_model("llama"), "s/src")
-        self.tgt = self._copy(tiny_model("llama-twin"), "t/tgt")
+        self.adapter = copy_folder(tiny_adapter("llama"), self.inputs / "a/adapter")
+        self.src = copy_folder(tiny_model("llama"), self.inputs / "s/src")
+        self.tgt = copy_folder(tiny_model("llama-twin"), self.inputs / "t/tgt")
         self.cache = self.inputs / "c" / "cache"
         self.cache.mkdir(parents=True)
         (self.cache / "keep.txt").write_text("a cache entry")
         self.batch = self.inputs / "b"
         for name in ("ad1", "ad2"):
-            self._copy(tiny_adapter("llama"), f"b/{name}")
+            copy_folder(tiny_adapter("llama"), self.batch / name)
         self.work = tmp / "work"
         self.work.mkdir()
 
-    def _copy(self, src: Path, rel: str) -> Path:
-        dst = self.inputs / rel
-        shutil.copytree(src, dst)
-        return dst
-
-    def argv(self, out: Path, *extra: str, adapter: Path | None = None) -> list[str]:
-        return [
-            "transfer", "-q", "--adapter", str(adapter or self.adapter),
-            "--source-model", str(self.src), "--target-model", str(self.tgt),
-            "--out-path", str(out), "--method", "copy", "--cache-dir", str(self.cache), *extra,
-        ]  # fmt: skip
-
-
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every path under ``folder`` (links not followed) with its bytes (None for folders)."""
-    out: dict[str, bytes | None] = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        out[rel] = (b"->" + os.readlink(p).encode()) if p.is_symlink() else (
-            None if p.is_dir() else p.read_bytes())  # fmt: skip
-    return out
+    def argv(
+        self, out: Path, *extra: str, adapter: Path | None = None, method: str = "copy"
+    ) -> list[str]:
+        """A quiet transfer of the tree's adapter (or ``adapter``), with the tree's cache."""
+        return transfer_argv(adapter or self.adapter, self.src, self.tgt, out, method, "-q",
+                             "--cache-dir", self.cache, *extra)  # fmt: skip
 
 
 def run(argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -272,9 +258,8 @@ def test_overwrite_replaces_crosslora_s_own_output(tree, capsys):
     out = written(tree, capsys)
     assert _why_not_ours(out) is None
     first = snapshot(out)
-    argv = tree.argv(out, "--overwrite")
-    argv[argv.index("copy")] = "crop-pad"  # a different adapter, so that the change shows
-    code, err = run(argv, capsys)
+    # crop-pad writes a different adapter, so that the change shows
+    code, err = run(tree.argv(out, "--overwrite", method="crop-pad"), capsys)
     assert code == 0, err
     assert snapshot(out) != first and _why_not_ours(out) is None
     assert [p.name for p in tree.work.iterdir()] == ["out"]  # nothing left beside it
@@ -309,9 +294,7 @@ def test_a_batch_overwrite_is_all_or_nothing(tree, capsys):
     assert code == 0, err
     (parent / "ad2" / "notes.txt").write_text("mine")
     before = snapshot(tree.tmp)
-    argv = tree.argv(parent, "--overwrite", adapter=tree.batch)
-    argv[argv.index("copy")] = "crop-pad"
-    code, err = run(argv, capsys)
+    code, err = run(tree.argv(parent, "--overwrite", adapter=tree.batch, method="crop-pad"), capsys)
     assert_refused(code, err, f"refusing to replace {parent / 'ad2'}")
     assert snapshot(tree.tmp) == before
 

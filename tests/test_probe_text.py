@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import build_model, build_tokenizer, word
-from crosslora.anchor import probe
-from crosslora.anchor.probe import readable, sample_texts
+from crosslora.methods.matched import probe
+from crosslora.methods.matched.probe import readable, sample_texts
 
 
 def char_tokenizer():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import transfer_argv
 from crosslora.cli import main
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
@@ -35,10 +36,8 @@ def test_smollm2_adapter_to_gemma3_loads_and_runs(real_models, method, tmp_path)
 
     smol, gemma = real_models
     out = tmp_path / "out"
-    argv = ["transfer", "-q", "--adapter", str(ADAPTERS / "smollm2-135m-commonsense"),
-            "--source-model", str(smol), "--target-model", str(gemma), "--out-path", str(out),
-            "--method", method]  # fmt: skip
-    assert main(argv) == 0
+    adapter = ADAPTERS / "smollm2-135m-commonsense"
+    assert main(transfer_argv(adapter, smol, gemma, out, method, "-q")) == 0
     report = json.loads((out / "transfer_report.json").read_text())
     assert report["summary"]["transferred"] > 0
     tok = AutoTokenizer.from_pretrained(gemma)

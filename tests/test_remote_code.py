@@ -11,7 +11,6 @@ never write the marker, and leave its inputs as they were.
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
 import json
 import os
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import word
+from conftest import copy_folder, pickle_adapter, snapshot, transfer_argv, word
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 
@@ -43,9 +41,8 @@ REFUSAL = re.compile(r"needs Python code from its own folder.*never runs code fr
 def make_evil(good: Path, folder: Path, marker: Path, which: str = "both") -> Path:
     """A copy of ``good`` whose config (``model``), tokenizer (``tok``) or both map to Python
     files in the folder; importing any of them creates ``marker``."""
-    shutil.copytree(good, folder)
-    if which in ("model", "both"):
-        config = json.loads((folder / "config.json").read_text())
+
+    def evil_config(config: dict) -> None:
         config.update(
             model_type="crosslora_evil",
             architectures=["EvilForCausalLM"],
@@ -54,7 +51,8 @@ def make_evil(good: Path, folder: Path, marker: Path, which: str = "both") -> Pa
                 "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
             },
         )
-        (folder / "config.json").write_text(json.dumps(config))
+
+    copy_folder(good, folder, evil_config if which in ("model", "both") else None)
     if which in ("tok", "both"):
         tok = json.loads((folder / "tokenizer_config.json").read_text())
         tok.update(
@@ -89,23 +87,10 @@ def make_task(folder: Path) -> Path:
     return folder / "qa.json"
 
 
-def pickle_adapter(adapter: Path, folder: Path, payload=None) -> Path:
-    """``adapter`` with its weights as ``adapter_model.bin`` only (or ``payload`` pickled)."""
-    folder.mkdir()
-    shutil.copy(adapter / "adapter_config.json", folder)
-    state = load_file(adapter / "adapter_model.safetensors") if payload is None else payload
-    torch.save(state, folder / "adapter_model.bin")
-    return folder
-
-
-def checksums(*roots: Path) -> dict[str, str]:
-    """Every file under ``roots`` (new files and removed ones show as well)."""
-    out = {}
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for f in files:
-            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return out
+def snapshots(*roots: Path) -> dict[str, dict[str, bytes | None]]:
+    """``snapshot`` of every folder in ``roots`` (new files and removed ones show as well)."""
+    assert all(root.is_dir() for root in roots), roots
+    return {str(root): snapshot(root) for root in roots}
 
 
 class Inputs:
@@ -170,15 +155,10 @@ CLI_CASES = {
     "eval-evil-tokenizer": lambda e: ["eval", "--model", e.eviltok, "--tasks", e.task],
     "eval-evil-model-with-adapter": lambda e: [
         "eval", "--model", e.evil, "--adapter", e.adapter, "--tasks", e.task],
-    "transfer-evil-source": lambda e: [
-        "transfer", "--adapter", e.adapter, "--source-model", e.evil, "--target-model", e.good,
-        "--out", e.tmp / "out"],
-    "transfer-evil-target": lambda e: [
-        "transfer", "--adapter", e.adapter, "--source-model", e.good, "--target-model", e.evil,
-        "--out", e.tmp / "out"],
-    "transfer-evil-tokenizer-anchored": lambda e: [
-        "transfer", "--adapter", e.adapter, "--source-model", e.good, "--target-model",
-        e.eviltok, "--method", "anchored", "--out", e.tmp / "out"],
+    "transfer-evil-source": lambda e: transfer_argv(e.adapter, e.evil, e.good, e.tmp / "out", None),
+    "transfer-evil-target": lambda e: transfer_argv(e.adapter, e.good, e.evil, e.tmp / "out", None),
+    "transfer-evil-tokenizer-anchored": lambda e: transfer_argv(
+        e.adapter, e.good, e.eviltok, e.tmp / "out", "anchored"),
     "inspect-evil-source": lambda e: ["inspect", e.evil, e.good],
     "inspect-evil-target": lambda e: ["inspect", e.good, e.evil],
     "bench-evil-source": lambda e: [
@@ -191,7 +171,7 @@ CLI_CASES = {
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_a_folder_that_needs_its_own_code_is_refused_in_one_line(env, case):
     argv = [str(a) for a in CLI_CASES[case](env)]
-    before = checksums(*env.roots)
+    before = snapshots(*env.roots)
     rc, stdout, lines = run_cli(env, argv)
     assert not env.marker.exists(), f"{case}: the folder's code ran"
     assert rc == 2, (case, rc, lines)
@@ -199,27 +179,24 @@ def test_a_folder_that_needs_its_own_code_is_refused_in_one_line(env, case):
     assert REFUSAL.search(lines[0]), lines[0]
     assert "trust_remote_code" not in lines[0] and "[y/N]" not in stdout + lines[0]
     assert "Traceback" not in stdout and stdout == "", (case, stdout)
-    assert checksums(*env.roots) == before, f"{case}: an input changed"
+    assert snapshots(*env.roots) == before, f"{case}: an input changed"
     assert not (env.tmp / "out" / "adapter_model.safetensors").exists()
 
 
 def test_an_adapter_naming_an_evil_base_loads_on_the_given_model(env, tmp_path):
     """``eval`` loads the adapter on ``--model``; the adapter's own base_model_name_or_path
     (here the evil folder, its code beside the weights too) is never followed."""
-    adapter = tmp_path / "inputs" / "adapter"
-    shutil.copytree(env.adapter, adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(env.evil)
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    adapter = copy_folder(env.adapter, tmp_path / "inputs" / "adapter",
+                          lambda c: c.update(base_model_name_or_path=str(env.evil)))  # fmt: skip
     for name in EVIL_FILES:
         shutil.copy(env.evil / name, adapter)
-    before = checksums(*env.roots)
+    before = snapshots(*env.roots)
     rc, stdout, lines = run_cli(env, ["eval", "--model", str(env.good), "--adapter",
                                       str(adapter), "--tasks", str(env.task), "-q"])  # fmt: skip
     assert rc == 0, lines
     assert "qa" in stdout and "acc" in stdout
     assert not env.marker.exists()
-    assert checksums(*env.roots) == before
+    assert snapshots(*env.roots) == before
 
 
 def test_the_marker_appears_when_the_folders_code_is_imported(env):
@@ -250,16 +227,20 @@ def answers_yes(monkeypatch):
 
 
 def _loaders():
-    from crosslora.anchor.probe import load_model
-    from crosslora.anchor.vocab import load_tokenizer as vocab_tokenizer
-    from crosslora.io.pretrained import load_causal_lm, load_tokenizer, refuse_remote_code
+    from crosslora.io.pretrained import (
+        load_causal_lm,
+        load_tokenizer,
+        refuse_remote_code,
+        require_tokenizer,
+    )
+    from crosslora.methods.matched.probe import load_model
 
     return {
         "load_causal_lm": lambda f: load_causal_lm(f, "model", dtype=torch.float32),
         "load_tokenizer": lambda f: load_tokenizer(f, "model"),
         "refuse_remote_code": lambda f: refuse_remote_code(f, "model"),
         "probe.load_model": lambda f: load_model(f, torch.device("cpu"), "source model"),
-        "vocab.load_tokenizer": lambda f: vocab_tokenizer(f, "target model"),
+        "require_tokenizer": lambda f: require_tokenizer(f, "target model"),
         "eval.load_model": lambda f: __import__("crosslora.cli.eval", fromlist=["x"]).load_model(
             str(f), None, torch.device("cpu"), torch.float32, quiet=True
         ),
@@ -425,13 +406,13 @@ def test_eval_refuses_a_pickle_that_carries_code_even_with_allow_pickle(
 ):
     code = {"x": os.getcwd} if payload == "getcwd" else {"x": Evil(env.marker)}
     adapter = pickle_adapter(env.adapter, env.tmp / "pickled", payload=code)
-    before = checksums(*env.roots, adapter)
+    before = snapshots(*env.roots, adapter)
     assert main(eval_argv(env, adapter, "--allow-pickle")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("crosslora: error: ") and "\n" not in err, err
     assert "weights_only=True" in err and "weights_only=False" not in err
     assert not env.marker.exists()
-    assert checksums(*env.roots, adapter) == before
+    assert snapshots(*env.roots, adapter) == before
 
 
 def test_eval_code_pickle_through_the_console_script_is_one_line(env):

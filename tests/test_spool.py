@@ -12,6 +12,7 @@ from crosslora.execute import assemble, execute_batch
 from crosslora.io.safetensors_file import TensorFile, write_safetensors
 from crosslora.io.spool import ParkedFactors, Spool
 from crosslora.lora import LoraFactors
+from crosslora.methods import get_method
 from crosslora.plan import plan_transfer, resolve
 
 
@@ -73,11 +74,13 @@ def test_spool_returns_what_was_parked_and_leaves_no_file(tmp_path):
 def test_parked_results_equal_held_results(method, tiny_model, tiny_adapter, tmp_path):
     """With a spool, results hold file offsets, not tensors; read back they are the same."""
     name = "llama"
-    inputs = resolve(str(tiny_adapter(name)), str(tiny_model(name)), str(tiny_model("llama-twin")))
-    plan = plan_transfer(inputs, method, None, 8)
-    held = execute_batch([inputs], [plan], torch.device("cpu"), progress=False)[0]
+    (inputs,) = resolve([str(tiny_adapter(name))], str(tiny_model(name)),
+                        str(tiny_model("llama-twin")))  # fmt: skip
+    meth = get_method(method)
+    plan = plan_transfer(inputs, meth, None, 8)
+    held = execute_batch(meth, [inputs], [plan], torch.device("cpu"), progress=False)[0]
     with Spool(tmp_path) as spool:
-        parked = execute_batch([inputs], [plan], torch.device("cpu"), False, None, spool)[0]
+        parked = execute_batch(meth, [inputs], [plan], torch.device("cpu"), False, None, spool)[0]
         assert parked and all(isinstance(r.stored, ParkedFactors) for r in parked)
         for a, b in zip(held, parked):
             assert torch.equal(a.factors.A, b.factors.A) and torch.equal(a.factors.B, b.factors.B)

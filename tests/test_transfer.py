@@ -12,16 +12,14 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import TOKENS, delta_weights, load_with_adapter, model_copy
+from conftest import TOKENS, copy_folder, delta_weights, load_with_adapter, transfer_argv
 from crosslora.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
 
 
 def transfer(adapter, src, tgt, out, method, *extra) -> Path:
-    argv = ["transfer", "-q", "--adapter", str(adapter), "--source-model", str(src),
-            "--target-model", str(tgt), "--out-path", str(out), "--method", method, *extra]  # fmt: skip
-    assert main(argv) == 0
+    assert main(transfer_argv(adapter, src, tgt, out, method, "-q", *extra)) == 0
     return Path(out)
 
 
@@ -54,7 +52,7 @@ def test_cross_lora_at_full_rank_onto_the_same_model_reproduces_delta_w(
     family, tiny_model, tiny_adapter, tmp_path
 ):
     model, adapter = tiny_model(family), tiny_adapter(family)
-    same = model_copy(model, tmp_path / "same")  # the model itself is refused (not copy)
+    same = copy_folder(model, tmp_path / "same")  # the model itself is refused (not copy)
     out = transfer(
         adapter, model, same, tmp_path / "out", "cross-lora", "--truncation-rank", "full"
     )
@@ -70,7 +68,7 @@ def test_cross_lora_at_the_papers_rank_is_not_the_identity_on_non_square_modules
 ):
     """Truncation really truncates: k=8 < 32 loses part of every update (the report says how much)."""
     model, adapter = tiny_model("llama"), tiny_adapter("llama")
-    same = model_copy(model, tmp_path / "same")
+    same = copy_folder(model, tmp_path / "same")
     out = transfer(adapter, model, same, tmp_path / "out", "cross-lora", "--truncation-rank", "8")
     report = json.loads((out / "transfer_report.json").read_text())
     kept = [m["diagnostics"]["norm_kept"] for m in report["modules"]]
@@ -115,9 +113,8 @@ def test_output_loads_in_peft_and_changes_the_logits(
 
 
 def test_copy_and_lora_x_refuse_different_shapes(tiny_model, tiny_adapter, tmp_path, capsys):
-    argv = ["transfer", "--adapter", str(tiny_adapter("llama")), "--source-model",
-            str(tiny_model("llama")), "--target-model", str(tiny_model("qwen2")),
-            "--out-path", str(tmp_path / "out"), "--method", "copy"]  # fmt: skip
+    argv = transfer_argv(tiny_adapter("llama"), tiny_model("llama"), tiny_model("qwen2"),
+                         tmp_path / "out", "copy")  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("crosslora: error: nothing to transfer with method copy")
@@ -228,9 +225,9 @@ def test_model_card_says_how_the_calibrated_size_departs_from_least_squares():
 
 def test_dry_run_writes_nothing_and_prints_the_plan(tiny_model, tiny_adapter, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["transfer", "--adapter", str(tiny_adapter("gpt2")), "--source-model", str(tiny_model("gpt2")),
-            "--target-model", str(tiny_model("llama-deep")), "--out-path", str(out), "--dry-run",
-            "--layer-map", "depth"]  # fmt: skip
+    # the default method (None: no --method)
+    argv = transfer_argv(tiny_adapter("gpt2"), tiny_model("gpt2"), tiny_model("llama-deep"), out,
+                         None, "--dry-run", "--layer-map", "depth")  # fmt: skip
     assert main(argv) == 0
     assert list(tmp_path.iterdir()) == []
     plan = capsys.readouterr().out
@@ -254,8 +251,7 @@ def test_existing_output_is_refused_unless_crosslora_wrote_it(
     (out / "keep.txt").write_text("precious")
     args = [tiny_adapter("llama"), tiny_model("llama"), tiny_model("qwen2")]
     capsys.readouterr()  # drop fixture output
-    argv = ["transfer", "--adapter", str(args[0]), "--source-model", str(args[1]),
-            "--target-model", str(args[2]), "--out-path", str(out), "--method", "cross-lora"]  # fmt: skip
+    argv = transfer_argv(*args, out, "cross-lora")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -372,8 +368,8 @@ def test_fused_phi3_to_gpt_neox_with_cross_lora_matches_the_unfused_computation(
     d_tgt = neox_parts(tgt["gpt_neox.layers.1.attention.query_key_value"], 4)
     for role, ws, wt, ds, dt in zip("qkv", w_src, w_tgt, d_src, d_tgt):
         k_u, k_v = min(12, ws.shape[0], wt.shape[0]), min(12, ws.shape[1], wt.shape[1])
-        u_s, _, v_s = svd_bases(ws, k_u, k_v)
-        u_t, _, v_t = svd_bases(wt, k_u, k_v)
+        u_s, _, v_s = svd_bases(ws, k_u, k_v, "exact")
+        u_t, _, v_t = svd_bases(wt, k_u, k_v, "exact")
         want = u_t @ (u_s.T @ ds @ v_s) @ v_t.T
         assert rel_err(dt, want) < 1e-4, role
 

@@ -1,5 +1,5 @@
 """Function-preserving twins: a target that computes exactly the source's function in other
-coordinates (METHOD.md §3, "the proof it is right").
+coordinates (docs/methods.md: the exactness test every construction must pass).
 
 From a source model (llama, qwen2 or gemma3_text family) build a target whose
 - residual stream is zero-widened by ``widen`` dimensions and rotated by a random orthogonal

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from crosslora.errors import CrossLoraError
 from crosslora.io.safetensors_file import TensorFile
+from crosslora.paths import crosslora_home
 
 log = logging.getLogger("crosslora")
 
@@ -39,10 +40,8 @@ Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U, S, V
 
 
 def default_cache_dir() -> Path:
-    """``$CROSSLORA_HOME/bases`` if that variable is set, else ``~/.cache/crosslora/bases``."""
-    home = os.environ.get("CROSSLORA_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "crosslora"
-    return base / "bases"
+    """``$CROSSLORA_HOME/bases``, else ``~/.cache/crosslora/bases``."""
+    return crosslora_home() / "bases"
 
 
 def _digest_bytes(tensors: list[torch.Tensor]) -> str:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -28,11 +28,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from crosslora.arch.layout import ROLES, Layout, RoleRef, Slot
 from crosslora.basis_cache import CACHE_VERSION, BasisCache
-from crosslora.io.spool import ParkedFactors, Spool
-from crosslora.linalg import DEFAULT_FAST, all_finite, svd_bases
+from crosslora.core import Inputs, ModuleResult, ModuleTask
+from crosslora.io.spool import Spool
+from crosslora.linalg import DEFAULT_FAST, DEFAULT_SVD, all_finite, svd_bases
 from crosslora.lora import LoraFactors, refactor
-from crosslora.methods import Method, ModuleContext, Unsupported, get_method
-from crosslora.plan import Inputs, ModuleTask, TransferPlan
+from crosslora.methods import Calibration, Method, ModuleContext, Prepared, Unsupported
+from crosslora.plan import TransferPlan
 
 log = logging.getLogger("crosslora")
 
@@ -40,32 +41,10 @@ CACHE_MIN_ELEMENTS = 1 << 18  # smaller weights (512 x 512) decompose faster tha
 
 
 @dataclass
-class ModuleResult:
-    """One task's outcome. ``factors`` (None when skipped) live in memory, or parked in ``spool``
-    and read back on each access."""
-
-    task: ModuleTask
-    stored: LoraFactors | ParkedFactors | None
-    diagnostics: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    skipped: str | None = None
-    spool: Spool | None = None
-
-    @property
-    def factors(self) -> LoraFactors | None:
-        f = self.stored
-        return self.spool.load(f) if isinstance(f, ParkedFactors) and self.spool else f
-
-    @factors.setter
-    def factors(self, f: LoraFactors | None) -> None:
-        self.stored = self.spool.park(f) if f is not None and self.spool else f
-
-
-@dataclass
 class BasisSettings:
     """How SVD bases are obtained: the mode, and the cache (None: always computed)."""
 
-    svd: str = "exact"
+    svd: str = DEFAULT_SVD
     cache: BasisCache | None = None
     cache_min_elements: int = CACHE_MIN_ELEMENTS
 
@@ -121,14 +100,6 @@ def _basis_source(inputs: Inputs, task: ModuleTask, device: torch.device, bases:
     return source
 
 
-def execute(
-    inputs: Inputs, plan: TransferPlan, device: torch.device, progress: bool = True,
-    bases: BasisSettings | None = None, spool: Spool | None = None,
-) -> list[ModuleResult]:  # fmt: skip
-    """Run one plan; see ``execute_batch``."""
-    return execute_batch([inputs], [plan], device, progress, bases, spool)[0]
-
-
 def _pair_id(task: ModuleTask) -> tuple:
     return (task.src.slot.module, task.src.role, task.tgt.slot.module, task.tgt.role)
 
@@ -142,35 +113,31 @@ def _read_order(inputs: Inputs, task: ModuleTask) -> tuple:
 
 
 def execute_batch(
-    batch: list[Inputs], plans: list[TransferPlan], device: torch.device,
+    method: Method, batch: list[Inputs], plans: list[TransferPlan], device: torch.device,
     progress: bool = True, bases: BasisSettings | None = None, spool: Spool | None = None,
-    draw: int = 0,
 ) -> list[list[ModuleResult]]:  # fmt: skip
     """Run several plans with one method between one source and one target model.
 
     ``batch[i]`` and ``plans[i]`` belong to adapter i; the inputs share the two layouts. After the
-    last module, the method may calibrate each adapter's results as a whole. Returns, per
-    adapter, its results in its plan's task order, their factors parked in ``spool`` if one is
-    given (else held in memory). What the method parks for itself goes to a second spool beside
-    it, gone when this returns. ``draw``: which independent draw this is, for a method that
-    draws probe text (``Method.draws``).
+    last module, the method may calibrate each adapter's results as a whole, and its calibration
+    is applied here. Returns, per adapter, its results in its plan's task order, their factors
+    parked in ``spool`` if one is given (else held in memory). What the method parks for itself
+    goes to a second spool beside it, gone when this returns.
     """
     with Spool(spool.folder, spool.label) if spool is not None else nullcontext() as scratch:
-        return _execute(batch, plans, device, progress, bases or BasisSettings(), spool, draw,
+        return _execute(method, batch, plans, device, progress, bases or BasisSettings(), spool,
                         scratch)  # fmt: skip
 
 
 def _execute(
-    batch: list[Inputs], plans: list[TransferPlan], device: torch.device, progress: bool,
-    bases: BasisSettings, spool: Spool | None, draw: int, scratch: Spool | None,
+    method: Method, batch: list[Inputs], plans: list[TransferPlan], device: torch.device,
+    progress: bool, bases: BasisSettings, spool: Spool | None, scratch: Spool | None,
 ) -> list[list[ModuleResult]]:  # fmt: skip
     """``execute_batch``'s work, with ``scratch`` the method's own spool."""
-    method = get_method(plans[0].method)
-    method.draw = draw
     first = batch[0]
-    diagnostics = method.prepare(first.src, first.tgt, device, scratch)
+    prepared = method.prepare(first.src, first.tgt, device, scratch)
     for plan in plans:
-        plan.diagnostics.update(diagnostics)
+        plan.diagnostics.update(prepared.diagnostics)
     groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}
     for i, plan in enumerate(plans):
         for task in plan.tasks:
@@ -192,7 +159,7 @@ def _execute(
                 _basis_source(first, task0, device, bases),
             )  # fmt: skip
             for i, task in members:
-                res = _run_task(batch[i], method, task, plans[i], ctx)
+                res = _run_task(batch[i], method, prepared, task, plans[i], ctx)
                 res.spool = spool
                 res.factors = res.stored  # parked, if there is a spool
                 done[i][_pair_id(task)] = res
@@ -201,20 +168,37 @@ def _execute(
     results = [[done[i][_pair_id(t)] for t in plan.tasks] for i, plan in enumerate(plans)]
     for inputs, plan, res in zip(batch, plans, results):
         if any(r.skipped is None for r in res):
-            plan.diagnostics.update(method.calibrate(inputs, res))
+            calibration = method.calibrate(inputs, res, prepared)
+            if calibration is not None:
+                apply_calibration(res, calibration)
+                plan.diagnostics.update(calibration.diagnostics)
     return results
 
 
+def apply_calibration(results: list[ModuleResult], calibration: Calibration) -> None:
+    """Multiply each result's ``B`` by its calibration factors, one after the other, and add the
+    calibration's diagnostics to its own."""
+    for res, factors, diagnostics in zip(
+        results, calibration.scales, calibration.module_diagnostics
+    ):
+        res.diagnostics.update(diagnostics)
+        if res.skipped is None:
+            for c in factors:
+                f = res.factors  # read back once if parked
+                res.factors = LoraFactors(f.A, f.B * c, f.scale)
+
+
 def _run_task(
-    inputs: Inputs, method: Method, task: ModuleTask, plan: TransferPlan, ctx: ModuleContext
-) -> ModuleResult:
+    inputs: Inputs, method: Method, prepared: Prepared, task: ModuleTask, plan: TransferPlan,
+    ctx: ModuleContext,
+) -> ModuleResult:  # fmt: skip
     """One task: the source factors, the method, the checks on what it returned."""
     start = time.perf_counter()
     lora = source_factors(inputs, task)
     if not lora.is_finite():
         return _skip(task, "the adapter's factors contain NaN or Inf")
     try:
-        out = method.transfer(lora.to(ctx.device), ctx)
+        out = method.transfer(lora.to(ctx.device), ctx, prepared)
     except Unsupported as why:
         return _skip(task, str(why))
     factors = out.factors
@@ -267,15 +251,14 @@ def adapted_modules(results: list[ModuleResult]) -> list[str]:
     return sorted({r.task.tgt.slot.module for r in results if r.skipped is None})
 
 
-def assemble(results: list[ModuleResult], draws: int = 1) -> Iterator[tuple[str, LoraFactors]]:
+def assemble(results: list[ModuleResult]) -> Iterator[tuple[str, LoraFactors]]:
     """``(target module path, its LoRA factors)`` in ``adapted_modules`` order, joining the roles
     of fused modules. Built one module at a time (parked factors are read back as needed), so
     writing them costs the memory of one module, not of the adapter.
 
     Several results for one target role (the ``merge`` layer map) add: their factors stack and
-    the sum is re-factorised to the largest of their ranks (``merge_updates``). ``results`` may
-    hold ``draws`` independent draws of the same plan one after the other; each then counts
-    ``1 / draws``, so that a role gets the mean of its draws' updates, cut to rank once."""
+    the sum is re-factorised to the largest of their ranks (``merge_updates``); so do the draws
+    of ``--draws``, each already divided by their number (``draws``)."""
     by_slot: dict[str, tuple[Slot, dict[str, list[ModuleResult]]]] = {}
     for res in results:
         if res.skipped is not None:
@@ -289,15 +272,10 @@ def assemble(results: list[ModuleResult], draws: int = 1) -> Iterator[tuple[str,
             join_roles(
                 slot,
                 {
-                    role: merge_updates([_share(r.factors, draws) for r in rs])
-                    for role, rs in parts.items()
+                    role: merge_updates([r.factors for r in rs]) for role, rs in parts.items()
                 },  # fmt: skip
             ),
         )
-
-
-def _share(f: LoraFactors, draws: int) -> LoraFactors:
-    return f if draws == 1 else LoraFactors(f.A, f.B / draws, f.scale)
 
 
 def merge_updates(parts: list[LoraFactors]) -> LoraFactors:

@@ -16,8 +16,7 @@ from crosslora.arch.layout import ROLES, Layout
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
 from crosslora.layer_map import map_layers
-from crosslora.methods.anchored import Anchored
-from crosslora.methods.base import ModuleContext
+from crosslora.methods.anchored import alignment
 
 ANCHOR_FITS = ("embed_to_source", "embed_to_target", "unembed_to_source", "unembed_to_target")
 
@@ -29,21 +28,15 @@ def inspect_pair(
     device = device or torch.device("cpu")
     src = Layout(Checkpoint(source, "source model"), "source model")
     tgt = Layout(Checkpoint(target, "target model"), "target model")
-    method = Anchored()
-    anchors = method.prepare(src, tgt, device)
     lmap = map_layers(layer_map, src.num_layers, tgt.num_layers)
     pairs = [(ls, lt, role) for ls, lt in sorted(lmap.pairs.items()) for role in ROLES
              if src.role(ls, role) is not None and tgt.role(lt, role) is not None]  # fmt: skip
-    modules = []
-    for ls, lt, role in tqdm(pairs, desc="inspect", unit="module", disable=not progress):
-        s_ref, t_ref = src.role(ls, role), tgt.role(lt, role)
-        ctx = ModuleContext(
-            s_ref.shape, t_ref.shape, device, None,
-            lambda r=s_ref: src.weight(r, device), lambda r=t_ref: tgt.weight(r, device),
-            s_ref, t_ref, src, tgt,
-        )  # fmt: skip
-        fit = method.module_maps(ctx).fit
-        modules.append({"layer": [ls, lt], "role": role, "quality": round(max(0.0, 1 - fit), 4)})
+    anchors, fits = alignment(src, tgt, pairs, device)
+    modules = [
+        {"layer": [ls, lt], "role": role, "quality": round(max(0.0, 1 - fit), 4)}
+        for (ls, lt, role), fit in zip(pairs, tqdm(fits, total=len(pairs), desc="inspect",
+                                                   unit="module", disable=not progress))
+    ]  # fmt: skip
     by_role = {r: [m["quality"] for m in modules if m["role"] == r] for r in ROLES}
     return {
         "source_model": source,

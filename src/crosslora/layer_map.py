@@ -65,3 +65,14 @@ def _by_depth(n_src: int, n_tgt: int) -> dict[int, int]:
     else:
         matched = {i: _nearest(i, shallow, deep) for i in range(shallow)}
     return matched if n_src <= n_tgt else {j: i for i, j in matched.items()}
+
+
+def ranges(xs: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        start = x if start is None else start
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)

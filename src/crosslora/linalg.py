@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 SVD_MODES = ("fast", "exact")
+DEFAULT_SVD = "fast"  # randomized block Krylov; "exact" is the full SVD, as the paper
+DEFAULT_TRUNCATION_RANK = 320  # SVD components kept by the subspace methods (the paper's k)
 ORTHONORMAL = 1e-6  # a Krylov basis whose Gram matrix is this close to I is used as orthonormal
 
 
@@ -82,7 +84,7 @@ def svd_bases(
     w: torch.Tensor,
     k_left: int,
     k_right: int,
-    mode: str = "exact",
+    mode: str,
     fast: FastSvd = DEFAULT_FAST,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top singular bases of ``w`` (m, n): ``U`` (m, k_left), ``S``, ``V`` (n, k_right).
@@ -281,3 +283,11 @@ def _orth(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
             return torch.linalg.qr(y).Q
         y = torch.linalg.solve_triangular(chol.to(y.dtype), y.mT, upper=False).mT
     return y
+
+
+def safe_inverse(gain: torch.Tensor | None, rel_eps: float = 1e-3) -> torch.Tensor | None:
+    """``1/g`` regularised near zero: ``g / (g² + ε²)`` with ε relative to the largest |g|."""
+    if gain is None:
+        return None
+    eps = rel_eps * float(gain.abs().max().clamp_min(1e-12))
+    return gain / (gain * gain + eps * eps)

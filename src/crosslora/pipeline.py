@@ -1,4 +1,4 @@
-"""The transfer pipeline end to end: resolve, plan, execute per module, write."""
+"""The transfer pipeline end to end: claim the outputs, resolve, plan, execute per module, write."""
 
 from __future__ import annotations
 
@@ -10,27 +10,22 @@ from pathlib import Path
 
 import torch
 
-from crosslora import __version__
 from crosslora.basis_cache import BasisCache, default_cache_dir
+from crosslora.core import Inputs, ModuleResult
 from crosslora.device import resolve_device
+from crosslora.draws import check_draws, run_draws
 from crosslora.errors import CrossLoraError
-from crosslora.execute import (
-    CACHE_MIN_ELEMENTS,
-    BasisSettings,
-    ModuleResult,
-    adapted_modules,
-    assemble,
-    execute_batch,
-)
+from crosslora.execute import CACHE_MIN_ELEMENTS, BasisSettings, adapted_modules, assemble
 from crosslora.heap import return_large_frees
 from crosslora.io.output import OutputClaim, check_separate, claim_outputs, output_filesystem
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
-from crosslora.linalg import SVD_MODES
+from crosslora.linalg import DEFAULT_SVD, DEFAULT_TRUNCATION_RANK, SVD_MODES
 from crosslora.memory import check_fits
-from crosslora.methods import DEFAULT_METHOD, METHODS
-from crosslora.plan import Inputs, TransferPlan, plan_transfer, resolve_batch
+from crosslora.methods import DEFAULT_METHOD, Method, Params, get_method
+from crosslora.plan import TransferPlan, plan_transfer, resolve
 from crosslora.report import build_report, model_card
+from crosslora.version import __version__
 
 log = logging.getLogger("crosslora")
 
@@ -41,34 +36,27 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class TransferOptions:
     method: str = DEFAULT_METHOD
     layer_map: str | None = None  # None: the method's default
-    truncation_rank: int | None = 320  # None: full
+    truncation_rank: int | None = DEFAULT_TRUNCATION_RANK  # None: full
     device: str = "auto"
     dtype: str | None = None  # None: the source adapter's dtype
     allow_pickle: bool = False
-    svd: str = "fast"  # "fast" (randomized block Krylov) or "exact" (the full SVD, as the paper)
+    svd: str = DEFAULT_SVD  # "fast" (randomized block Krylov) or "exact" (the full SVD)
     cache: bool = True  # keep SVD bases in an on-disk cache shared by later transfers
     cache_dir: str | None = None  # None: $CROSSLORA_HOME/bases or ~/.cache/crosslora/bases
     cache_min_elements: int = CACHE_MIN_ELEMENTS  # smaller weights are not worth caching
     draws: int = 1  # independent probe draws whose mean update is written (matched only)
+    params: Params | None = None  # the method's parameters (its ``params_type``); None: defaults
 
 
-def check_options(options: TransferOptions) -> torch.device:
-    """Validate the options that need no input; returns the device."""
+def check_options(options: TransferOptions) -> tuple[Method, torch.device]:
+    """Validate the options that need no input; returns the method and the device."""
     device = resolve_device(options.device)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise CrossLoraError(f"--dtype {options.dtype}: choose from {', '.join(DTYPES)}")
     if options.svd not in SVD_MODES:
         raise CrossLoraError(f"--svd {options.svd}: choose from {', '.join(SVD_MODES)}")
-    if options.draws < 1:
-        raise CrossLoraError(f"--draws {options.draws}: must be at least 1")
-    method = METHODS.get(options.method)
-    if options.draws > 1 and method is not None and not method.draws:
-        drawing = " and ".join(sorted(name for name, m in METHODS.items() if m.draws))
-        raise CrossLoraError(
-            f"--draws {options.draws}: only {drawing} draws probe text; {options.method} "
-            "gives the same adapter every time"
-        )
-    return device
+    check_draws(options.draws, options.method)
+    return get_method(options.method, options.params), device
 
 
 def transfer(
@@ -120,15 +108,15 @@ def transfer_batch(
 
 def plan_transfers(
     adapters: list[str], source_model: str, target_model: str, options: TransferOptions
-) -> tuple[list[Inputs], list[TransferPlan], torch.device]:
+) -> tuple[list[Inputs], list[TransferPlan]]:
     """Resolve the inputs (headers only) and plan each adapter's transfer; nothing is written."""
-    device = check_options(options)
-    batch = resolve_batch(adapters, source_model, target_model, options.allow_pickle)
+    method, device = check_options(options)
+    batch = resolve(adapters, source_model, target_model, options.allow_pickle)
     plans = [
-        plan_transfer(inputs, options.method, options.layer_map, options.truncation_rank, device)
+        plan_transfer(inputs, method, options.layer_map, options.truncation_rank, device)
         for inputs in batch
     ]
-    return batch, plans, device
+    return batch, plans
 
 
 def run_transfers(
@@ -146,19 +134,19 @@ def run_transfers(
     them, inside one or containing one) and claimed (``io.output``); the inputs' resolved
     folders are checked again once known. Returns the reports."""
     options = options or TransferOptions()
-    check_options(options)
+    check_options(options)  # before anything is claimed or read
     given = _input_paths(adapters, source_model, target_model, options)
     for out in outs:
         check_separate(out, given)
     with claim_outputs(outs, overwrite) as claims:
-        batch, plans, device = plan_transfers(adapters, source_model, target_model, options)
+        batch, plans = plan_transfers(adapters, source_model, target_model, options)
         resolved = [("adapter", inputs.adapter.path) for inputs in batch] + [
             ("source model", batch[0].src.checkpoint.path),
             ("target model", batch[0].tgt.checkpoint.path),
         ]
         for out in outs:
             check_separate(out, resolved)
-        return run_plans(batch, plans, options, device, claims, progress)
+        return run_plans(batch, plans, options, claims, progress)
 
 
 def _input_paths(
@@ -181,11 +169,11 @@ def run_plans(
     batch: list[Inputs],
     plans: list[TransferPlan],
     options: TransferOptions,
-    device: torch.device,
     claims: list[OutputClaim],
     progress: bool,
 ) -> list[dict]:
     start = time.perf_counter()
+    method, device = check_options(options)
     outs = [claim.out for claim in claims]
     if plans[0].memory:  # the plans share one pair of models, and the method's preparation
         check_fits(plans[0].memory, device, plans[0].method, output_filesystem(outs[0]))
@@ -194,17 +182,10 @@ def run_plans(
     bases = BasisSettings(options.svd, cache, options.cache_min_elements)
     # finished factors wait on disk, in the output's filesystem, not in memory
     with Spool(output_filesystem(outs[0]), str(outs[0])) as spool:
-        draws = []  # per draw: per adapter, its results and the method's diagnostics
-        for draw in range(options.draws):
-            for plan in plans:
-                plan.diagnostics = {}
-            if options.draws > 1:
-                log.info("draw %d of %d", draw + 1, options.draws)
-            results = execute_batch(batch, plans, device, progress, bases, spool, draw)
-            draws.append([(r, dict(p.diagnostics)) for r, p in zip(results, plans)])
+        per_adapter = run_draws(method, options.draws, batch, plans, device, progress, bases,
+                                spool)  # fmt: skip
         seconds = time.perf_counter() - start
         extra = {"basis_cache": cache.stats()} if cache is not None else {}  # the invocation's
-        per_adapter = [_over_draws([d[i] for d in draws]) for i in range(len(plans))]
         for results, _, _ in per_adapter:  # refuse before writing anything
             if not any(r.skipped is None for r in results):
                 first = next((r for r in results if r.skipped), None)
@@ -218,26 +199,6 @@ def run_plans(
             out.append(_write(inputs, plan, results, written, options, device, claim, seconds,
                               extra))  # fmt: skip
         return out
-
-
-def _over_draws(draws: list[tuple[list[ModuleResult], dict]]) -> tuple:
-    """One adapter's draws -> (results to report, one per task; results to write, every draw's;
-    the method's diagnostics). With one draw, its own; with several, each task reports every
-    draw's diagnostics and is skipped only where every draw skipped it, and the method's
-    diagnostics are the list of the draws'."""
-    if len(draws) == 1:
-        ((results, diagnostics),) = draws
-        return results, results, diagnostics
-    report = []
-    for rs in zip(*(results for results, _ in draws)):
-        done = [r for r in rs if r.skipped is None]
-        report.append(ModuleResult(
-            rs[0].task, None,
-            {"draws": [r.diagnostics if r.skipped is None else {"skipped": r.skipped} for r in rs]},
-            sum(r.seconds for r in rs), None if done else rs[0].skipped,
-        ))  # fmt: skip
-    written = [r for results, _ in draws for r in results]
-    return report, written, {"draws": [diagnostics for _, diagnostics in draws]}
 
 
 def _write(
@@ -272,7 +233,7 @@ def _write(
     out = claim.given
     with claim.staged() as tmp:
         write_adapter(
-            tmp, assemble(written, options.draws),
+            tmp, assemble(written),
             base_model=inputs.tgt_name,
             r=inputs.adapter.r,
             lora_alpha=inputs.adapter.lora_alpha,

@@ -12,63 +12,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-from crosslora.arch.layout import ROLES, Layout, RoleRef
+from crosslora.arch.layout import ROLES, Layout
+from crosslora.core import Inputs, ModuleTask, Skip
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.peft_adapter import Adapter, read_adapter
-from crosslora.layer_map import LayerMap, map_layers
+from crosslora.layer_map import LayerMap, map_layers, ranges
+from crosslora.linalg import DEFAULT_TRUNCATION_RANK
 from crosslora.memory import MemoryNeed
-from crosslora.methods import get_method
+from crosslora.methods import METHODS, Method
 
 log = logging.getLogger("crosslora")
 
 CPU = torch.device("cpu")
 
 
-@dataclass
-class Inputs:
-    """The resolved inputs: the source adapter and both base models' layouts."""
-
-    adapter: Adapter
-    src: Layout
-    tgt: Layout
-    src_name: str
-    tgt_name: str
-
-
 def resolve(
-    adapter: str, source_model: str, target_model: str, allow_pickle: bool = False
-) -> Inputs:
-    """Open the adapter and both checkpoints (headers and configs only)."""
-    ad = read_adapter(adapter, allow_pickle=allow_pickle)
-    src = Layout(Checkpoint(source_model, "source model"), "source model")
-    tgt = Layout(Checkpoint(target_model, "target model"), "target model")
-    return Inputs(ad, src, tgt, str(source_model), str(target_model))
-
-
-def resolve_batch(
     adapters: list[str], source_model: str, target_model: str, allow_pickle: bool = False
 ) -> list[Inputs]:
-    """Several adapters for one pair of models; the inputs share the two layouts."""
+    """Open the adapters and both checkpoints (headers and configs only); the inputs of the
+    adapters (one or several, for one pair of models) share the two layouts."""
     ads = [read_adapter(a, allow_pickle=allow_pickle) for a in adapters]
     src = Layout(Checkpoint(source_model, "source model"), "source model")
     tgt = Layout(Checkpoint(target_model, "target model"), "target model")
     return [Inputs(ad, src, tgt, str(source_model), str(target_model)) for ad in ads]
-
-
-@dataclass(frozen=True)
-class ModuleTask:
-    """Transfer one role: ``src`` (in the adapter's module ``adapter_module``) to ``tgt``."""
-
-    src: RoleRef
-    tgt: RoleRef
-    adapter_module: str
-
-
-@dataclass(frozen=True)
-class Skip:
-    what: str
-    reason: str
 
 
 @dataclass
@@ -88,7 +55,7 @@ class TransferPlan:
             f"method: {self.method}"
             + (
                 f" (truncation rank {self.truncation_rank or 'full'})"
-                if get_method(self.method).truncates
+                if METHODS[self.method].truncates
                 else ""
             ),
             f"layer map: {lm.kind}, {lm.src_layers} source -> {lm.tgt_layers} target layers, "
@@ -96,9 +63,9 @@ class TransferPlan:
             "  " + " ".join(f"{i}->{j}" for i, j in sorted(lm.pairs.items())),
         ]
         if lm.unmatched_src:
-            lines.append(f"  source layers dropped: {_ranges(lm.unmatched_src)}")
+            lines.append(f"  source layers dropped: {ranges(lm.unmatched_src)}")
         if lm.unmatched_tgt:
-            lines.append(f"  target layers left without adapter: {_ranges(lm.unmatched_tgt)}")
+            lines.append(f"  target layers left without adapter: {ranges(lm.unmatched_tgt)}")
         lines.append(f"modules: {len(self.tasks)} to transfer, {len(self.skipped)} skipped")
         for t in self.tasks:
             lines.append(
@@ -107,7 +74,7 @@ class TransferPlan:
             )
         for s in self.skipped:
             lines.append(f"  skip {s.what}: {s.reason}")
-        then = get_method(self.method).then
+        then = METHODS[self.method].then
         if then:
             lines.append(f"then: {then}")
         if self.memory:
@@ -117,16 +84,6 @@ class TransferPlan:
 
 def _shape(shape: tuple[int, int]) -> str:
     return f"({shape[0]}x{shape[1]})"
-
-
-def _ranges(xs: list[int]) -> str:
-    out, start = [], None
-    for i, x in enumerate(xs):
-        start = x if start is None else start
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            out.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(out)
 
 
 def _check_adapter_layers(adapter: Adapter, src: Layout) -> None:
@@ -157,20 +114,20 @@ def _check_adapter_layers(adapter: Adapter, src: Layout) -> None:
         layer, name = unlisted[0]
         raise CrossLoraError(
             f"adapter module {name} has weights, but its layer {layer} is not in "
-            f"layers_to_transform ({_ranges(sorted(wanted))})"
+            f"layers_to_transform ({ranges(sorted(wanted))})"
         )
 
 
 def plan_transfer(
     inputs: Inputs,
-    method: str,
+    meth: Method,
     layer_map: str | None = None,
-    truncation_rank: int | None = 320,
+    truncation_rank: int | None = DEFAULT_TRUNCATION_RANK,
     device: torch.device = CPU,
 ) -> TransferPlan:
     """Pair every adapted source role with its target role; check shapes; collect skips; say
     how much memory the method needs on ``device``."""
-    meth = get_method(method)
+    method = meth.name
     layer_map = layer_map or meth.default_layer_map
     if truncation_rank is not None and truncation_rank <= 0:
         raise CrossLoraError(f"--truncation-rank must be positive, got {truncation_rank}")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from crosslora import __version__
-from crosslora.execute import ModuleResult
-from crosslora.plan import Inputs, TransferPlan
+from crosslora.core import Inputs, ModuleResult
+from crosslora.plan import TransferPlan
+from crosslora.version import __version__
 
 
 def build_report(

@@ -22,6 +22,7 @@ import torch
 
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
+from crosslora.layer_map import ranges
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' spelling
@@ -184,7 +185,7 @@ class Layout:
         config = self.checkpoint.config
         field_name = next((k for k in ("num_hidden_layers", "n_layer") if config.get(k)), "layers")
         have = (
-            f"{len(found)} layers ({_ranges(sorted(found))})"
+            f"{len(found)} layers ({ranges(sorted(found))})"
             if found
             else f"no {self.family.layers}.N tensors"
         )
@@ -275,13 +276,16 @@ class Layout:
         rows = ref.slot.rows[ref.role]
         return (w if rows is None else w[rows.to(w.device)]).contiguous()
 
-
-def _ranges(xs: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
-    out, start = [], None
-    for i, x in enumerate(xs):
-        start = x if start is None else start
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            out.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(out)
+    def norm_gain(self, field: str, layer: int | None) -> torch.Tensor | None:
+        """The effective gain (γ, or 1 + γ for Gemma) of the norm a family field names, float64
+        (None where the family or checkpoint has no such norm); ``layer`` None: a model-level
+        norm."""
+        fam = self.family.data
+        name = fam.get(field)
+        if not name:
+            return None
+        path = name if layer is None else f"{self.family.layers}.{layer}.{name}"
+        key = self.checkpoint.find(path)
+        if key is None:
+            return None
+        return self.checkpoint.get(key).double() + float(fam.get("norm_offset", 0.0))

@@ -12,14 +12,13 @@ import argparse
 import contextlib
 import importlib
 import logging
-import re
 import signal
 import sys
 import warnings
 from collections.abc import Iterator
 
-from crosslora import __version__
-from crosslora.errors import CrossLoraError
+from crosslora.errors import CrossLoraError, one_line
+from crosslora.version import __version__
 
 # Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS = ("transfer", "inspect", "models", "eval", "bench")
@@ -90,12 +89,6 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on a single line (embedded newlines from libraries folded)."""
-    text = re.sub(r"\s*\n\s*", " ", str(err).strip())
-    return text or type(err).__name__
 
 
 @contextlib.contextmanager

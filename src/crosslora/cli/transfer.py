@@ -7,8 +7,9 @@ from pathlib import Path
 
 from crosslora.cli import add_verbosity
 from crosslora.layer_map import LAYER_MAPS
+from crosslora.linalg import DEFAULT_SVD, DEFAULT_TRUNCATION_RANK, SVD_MODES
 from crosslora.methods import DEFAULT_METHOD, METHODS
-from crosslora.transfer import TransferOptions, batch_outputs, plan_transfers, run_transfers
+from crosslora.pipeline import TransferOptions, batch_outputs, plan_transfers, run_transfers
 
 
 def truncation_rank(text: str) -> int | None:
@@ -50,13 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="index (layer i to i, the paper's) or depth (relative depth); default: the method's",
     )  # fmt: skip
     p.add_argument(
-        "--truncation-rank", type=truncation_rank, default=320, metavar="K",
-        help="SVD components kept (default 320, as the paper; 'full' for complete bases)",
+        "--truncation-rank", type=truncation_rank, default=DEFAULT_TRUNCATION_RANK, metavar="K",
+        help="SVD components kept (default %(default)s, as the paper; 'full' for complete bases)",
     )  # fmt: skip
     p.add_argument(
-        "--svd", choices=("fast", "exact"), default="fast",
-        help="fast: randomized block Krylov SVD (default; within ~1e-4 of exact on real-like "
-        "spectra); exact: the full SVD, as the paper",
+        "--svd", choices=SVD_MODES, default=DEFAULT_SVD,
+        help="fast: randomized block Krylov SVD (default; within 1e-3 of exact at 7B shapes, "
+        "docs/results.md); exact: the full SVD, as the paper",
     )  # fmt: skip
     p.add_argument(
         "--cache-dir", type=Path, metavar="DIR",
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         run_transfers(adapters, args.source_model, args.target_model, outs, options,
                       args.overwrite, not args.quiet)  # fmt: skip
         return 0
-    batch, plans, _ = plan_transfers(adapters, args.source_model, args.target_model, options)
+    batch, plans = plan_transfers(adapters, args.source_model, args.target_model, options)
     for inputs, plan, out in zip(batch, plans, outs):
         if several:
             print(f"adapter {inputs.adapter.path} -> {out}")

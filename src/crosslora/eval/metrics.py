@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 
 METRICS = ("acc", "acc_norm", "nll", "nll_token")
-HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "nll": False, "nll_token": False}
 
 
 def item_metrics(
@@ -206,8 +205,6 @@ def item_values(task_result: dict, metric: str) -> dict[str, float]:
     return {rec["id"]: rec[metric] for rec in task_result["items"]}
 
 
-def paired_values(*task_results: dict, metric: str) -> tuple[list[str], list[np.ndarray]]:
-    """The item ids common to all runs, and each run's values on them, in one order."""
-    maps = [item_values(r, metric) for r in task_results]
-    ids = [k for k in maps[0] if all(k in m for m in maps[1:])]
-    return ids, [np.array([m[k] for k in ids]) for m in maps]
+def plus_minus(metric: dict, digits: int = 3) -> str:
+    """``{"value", "stderr"}`` as ``value ± stderr``, for tables."""
+    return f"{metric['value']:.{digits}f} ± {metric['stderr']:.{digits}f}"

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslora.errors import CrossLoraError
-from crosslora.eval.tasks import Item
+from crosslora.eval.spec import Item
 
 STRATEGIES = ("auto", "flat", "shared")
 _DEFAULT_MAX_LENGTH = 2048

@@ -94,3 +94,17 @@ def _read(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def require_tokenizer(folder: str | os.PathLike[str], what: str):
+    """``load_tokenizer``, with any failure one line: for methods that read both models'
+    tokenizers (the probe text, the shared vocabulary)."""
+    try:
+        return load_tokenizer(folder, what)
+    except CrossLoraError:
+        raise
+    except Exception as err:
+        raise CrossLoraError(
+            f"{what}: no usable tokenizer in {folder} ({type(err).__name__}); this method needs "
+            "both models' tokenizers"
+        ) from err

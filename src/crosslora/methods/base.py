@@ -1,28 +1,30 @@
 """The method interface: one module's LoRA factors in, the target module's factors out.
 
-A method sees one (source role, target role) pair at a time. It may read the two base weights
-through the context (lazily, float32, (out, in) orientation); it must keep the factors factored
-and return factors of the target role's shape, or raise ``Unsupported`` with the reason.
+A method is its parameters (a typed dataclass, ``Params``) and four steps, each of which computes
+and returns; the executor applies what they return:
+
+- ``prepare`` (once per run, shared by a batch of adapters): work common to every module, such
+  as fitted maps, returned as the method's own ``Prepared`` object;
+- ``transfer`` (per module): factors of the target role's shape, or ``Unsupported`` with the
+  reason; the context reads the two base weights lazily (float32, (out, in));
+- ``calibrate`` (per adapter, after its last module): factors for the results' ``B`` sizes;
+- ``memory``: what the method needs beyond streaming the weights, for the plan.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from crosslora.linalg import svd_bases
+from crosslora.arch.layout import Layout, RoleRef
+from crosslora.core import Inputs, ModuleResult
+from crosslora.io.spool import Spool
+from crosslora.linalg import DEFAULT_SVD, svd_bases
 from crosslora.lora import LoraFactors
-
-if TYPE_CHECKING:
-    from crosslora.arch.layout import Layout, RoleRef
-    from crosslora.execute import ModuleResult
-    from crosslora.io.spool import Spool
-    from crosslora.memory import MemoryNeed
-    from crosslora.plan import Inputs
-
+from crosslora.memory import MemoryNeed
 
 Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -45,7 +47,7 @@ class ModuleContext:
     tgt: RoleRef | None = None  # than the two weights: norms, sibling modules, embeddings)
     src_layout: Layout | None = None
     tgt_layout: Layout | None = None
-    svd: str = "exact"  # how src_bases/tgt_bases compute: "exact" (full SVD) or "fast"
+    svd: str = DEFAULT_SVD  # how src_bases/tgt_bases compute: "exact" (full SVD) or "fast"
     # (side, k_left, k_right, load weight) -> (U, S, V): where bases come from (a cache); None:
     # computed here with ``svd_bases``
     basis_source: Callable[[str, int, int, Callable[[], torch.Tensor]], Bases] | None = None
@@ -87,27 +89,46 @@ class MethodOutput:
     diagnostics: dict[str, float | int | str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Params:
+    """A method's parameters; a method with parameters declares its own subclass."""
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` returns: the method's own state for this run (a subclass adds fields) and
+    diagnostics for the report."""
+
+    diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Calibration:
+    """What ``calibrate`` decided for one adapter: per result (in the order given), factors its
+    ``B`` is multiplied by, one after the other, and diagnostics merged into its own; and
+    diagnostics for the report."""
+
+    scales: list[tuple[float, ...]]
+    module_diagnostics: list[dict]
+    diagnostics: dict
+
+
 class Method:
-    """Base class. Subclasses set ``name``, implement ``transfer`` and may override ``check``."""
+    """Base class. Subclasses set ``name``, implement ``transfer`` and may override the rest."""
 
     name: ClassVar[str]
-    summary: ClassVar[str]
-    needs_weights: ClassVar[bool] = False
+    params_type: ClassVar[type[Params]] = Params
     default_layer_map: ClassVar[str] = "index"
     truncates: ClassVar[bool] = False  # whether --truncation-rank applies
     then: ClassVar[str | None] = None  # what ``calibrate`` does after the modules, for the plan
     draws: ClassVar[bool] = False  # whether the method draws random probe text (``--draws``)
-    draw: int = 0  # which independent draw this run is (0, 1, ...), for a method that draws
 
-    def prepare(
-        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
-    ) -> dict:
-        """Work shared by all modules (e.g. residual-stream maps), before the first one; large
-        intermediates may be parked in ``spool`` (on the output's disk, gone when it closes).
+    def __init__(self, params: Params | None = None) -> None:
+        self.params = params if params is not None else self.params_type()
 
-        Returns diagnostics for the transfer report. Default: nothing to do.
-        """
-        return {}
+    def for_draw(self, draw: int) -> Method:
+        """The method for independent draw ``draw`` (0, 1, ...) of a method that draws."""
+        return self
 
     def memory(self, src: Layout, tgt: Layout, device: torch.device) -> MemoryNeed | None:
         """The peak memory this method needs for these two models beyond what streaming the
@@ -118,13 +139,21 @@ class Method:
         """Why this method cannot handle these (out, in) shapes, or None. Called when planning."""
         return None
 
-    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+    def prepare(
+        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
+    ) -> Prepared:
+        """Work shared by all modules (and adapters), before the first one; large intermediates
+        may be parked in ``spool`` (on the output's disk, gone when it closes)."""
+        return Prepared()
+
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         raise NotImplementedError
 
-    def calibrate(self, inputs: Inputs, results: list[ModuleResult]) -> dict:
-        """After every module of one adapter: adjust ``results`` in place (their factors' sizes)
-        and return diagnostics for the report. Default: nothing to do."""
-        return {}
+    def calibrate(
+        self, inputs: Inputs, results: list[ModuleResult], prepared: Prepared
+    ) -> Calibration | None:
+        """After every module of one adapter, how to resize its results (None: as they are)."""
+        return None
 
 
 METHODS: dict[str, type[Method]] = {}

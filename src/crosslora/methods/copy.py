@@ -4,16 +4,22 @@ between related bases, per "Trivial Baselines: Re-evaluating LoRA Adapter Transf
 from __future__ import annotations
 
 from crosslora.lora import LoraFactors
-from crosslora.methods.base import Method, MethodOutput, ModuleContext, register, same_shapes
+from crosslora.methods.base import (
+    Method,
+    MethodOutput,
+    ModuleContext,
+    Prepared,
+    register,
+    same_shapes,
+)
 
 
 @register
 class Copy(Method):
     name = "copy"
-    summary = "the factors unchanged (equal shapes only)"
 
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:
         return same_shapes(src_shape, tgt_shape)
 
-    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         return MethodOutput(lora)

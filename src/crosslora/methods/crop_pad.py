@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from crosslora.lora import LoraFactors
-from crosslora.methods.base import Method, MethodOutput, ModuleContext, register
+from crosslora.methods.base import Method, MethodOutput, ModuleContext, Prepared, register
 
 
 def fit(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -22,9 +22,8 @@ def fit(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 @register
 class CropPad(Method):
     name = "crop-pad"
-    summary = "crop or zero-pad lora_A columns and lora_B rows (the paper's released code)"
 
-    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         out_t, in_t = ctx.tgt_shape
         A, B = fit(lora.A, in_t, 1), fit(lora.B, out_t, 0)
         kept = LoraFactors(A, B, lora.scale).frobenius() / max(lora.frobenius(), 1e-30)

@@ -1,4 +1,4 @@
-"""``cross-lora``: Cross-LoRA (arXiv 2508.05232), in the defined reading of METHOD.md §1.
+"""``cross-lora``: Cross-LoRA (arXiv 2508.05232), in the defined reading of docs/methods.md.
 
 LoRA-Align: truncated SVDs of the two base weights, ``W_s ≈ U_s Σ_s V_sᵀ`` and
 ``W_t ≈ U_t Σ_t V_tᵀ``; the Frobenius-optimal maps between the subspaces are
@@ -24,19 +24,15 @@ in the truncated source subspaces.
 from __future__ import annotations
 
 from crosslora.lora import LoraFactors
-from crosslora.methods.base import Method, MethodOutput, ModuleContext, register
-
-PAPER_RANK = 320
+from crosslora.methods.base import Method, MethodOutput, ModuleContext, Prepared, register
 
 
 @register
 class CrossLora(Method):
     name = "cross-lora"
-    summary = "Cross-LoRA: rank-order SVD subspace alignment, then projection (arXiv 2508.05232)"
-    needs_weights = True
     truncates = True
 
-    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         (m, n), (mt, nt) = ctx.src_shape, ctx.tgt_shape
         k = ctx.truncation_rank or max(m, n, mt, nt)
         k_u, k_v = min(k, m, mt), min(k, n, nt)

@@ -9,20 +9,25 @@ raise the rank), so the re-factorisation is an exact, balanced SVD of that produ
 from __future__ import annotations
 
 from crosslora.lora import LoraFactors, refactor
-from crosslora.methods.base import Method, MethodOutput, ModuleContext, register, same_shapes
+from crosslora.methods.base import (
+    Method,
+    MethodOutput,
+    ModuleContext,
+    Prepared,
+    register,
+    same_shapes,
+)
 
 
 @register
 class LoraX(Method):
     name = "lora-x"
-    summary = "LoRA-X: project onto the target's top-k singular subspaces (equal shapes only)"
-    needs_weights = True
     truncates = True
 
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:
         return same_shapes(src_shape, tgt_shape)
 
-    def transfer(self, lora: LoraFactors, ctx: ModuleContext) -> MethodOutput:
+    def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         m, n = ctx.tgt_shape
         k = min(ctx.truncation_rank or min(m, n), min(m, n))
         u_t, _, v_t = ctx.tgt_bases(k, k)

@@ -29,27 +29,6 @@ from crosslora.errors import CrossLoraError
 HELD_OUT = 10  # every HELD_OUT-th shared token is held out to measure the map's generalisation
 
 
-def norm_gain(layout: Layout, field: str, layer: int | None) -> torch.Tensor | None:
-    """The effective gain (γ, or 1 + γ for Gemma) of a norm named by a family field, float64."""
-    fam = layout.family.data
-    name = fam.get(field)
-    if not name:
-        return None
-    path = name if layer is None else f"{layout.family.layers}.{layer}.{name}"
-    key = layout.checkpoint.find(path)
-    if key is None:
-        return None
-    return layout.checkpoint.get(key).double() + float(fam.get("norm_offset", 0.0))
-
-
-def safe_inverse(gain: torch.Tensor | None, rel_eps: float = 1e-3) -> torch.Tensor | None:
-    """``1/g`` regularised near zero: ``g / (g² + ε²)`` with ε relative to the largest |g|."""
-    if gain is None:
-        return None
-    eps = rel_eps * float(gain.abs().max().clamp_min(1e-12))
-    return gain / (gain * gain + eps * eps)
-
-
 RIDGES = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -105,7 +84,7 @@ def embeddings(layout: Layout, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if fam.get("embed_scale") == "sqrt_hidden":
         embed = embed * math.sqrt(layout.dims.hidden)
     head = ckpt.get(head_key)[ids].double()
-    final = norm_gain(layout, "final_norm", None)
+    final = layout.norm_gain("final_norm", None)
     if final is not None:
         head = head * final
     return embed, head

@@ -11,11 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import torch
-
-from crosslora.errors import CrossLoraError
 
 BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -35,20 +32,6 @@ def _unicode_to_byte() -> dict[str, int]:
             codes.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(printable, codes)}
-
-
-def load_tokenizer(path: Path, what: str):
-    from crosslora.io.pretrained import load_tokenizer as load
-
-    try:
-        return load(path, what)  # never code from the model's folder: trust_remote_code=False
-    except CrossLoraError:
-        raise
-    except Exception as err:
-        raise CrossLoraError(
-            f"{what}: no usable tokenizer in {path} ({type(err).__name__}); the anchored method "
-            "needs both models' tokenizers"
-        ) from err
 
 
 def token_texts(tokenizer) -> dict[str, int]:

@@ -1,40 +1,14 @@
-"""Size the transferred update by what it does to the model's predictions, on the probe text.
+"""Size the transferred update by what it does to the models' predictions on the probe text.
 
-The per-module maps (``methods.matched``) carry each module's update into the target's
-coordinates, but they cannot say how large it should be: a least-squares map shrinks what it
-cannot explain, and a module's effect on the output passes through every later layer. What *can*
-be compared across two models with different tokenizers is the probability they give to the same
-text. Between two consecutive aligned boundaries (``anchor.probe``: positions where both
-tokenizations end at the same character) both models predict exactly the same piece of text, a
-*chunk*; the log-likelihood of each chunk is a number both models define.
-
-So the source adapter's effect on the probe text is the vector ``d_s`` (C,) of its changes to the
-source's chunk log-likelihoods, and the transferred adapter's is ``full`` (C,) on the target's.
-Each role's part of it is what is lost when that role alone is left out, ``slopes`` (R, C). The
-per-role scales ``c`` (R,) ≥ 0 solve ``min ‖full + slopesᵀ (c − 1) − d_s‖`` (non-negative least
-squares, exact over the few roles; ``fit_scales``): each role's update is kept in proportion to
-how much of the source's effect it reproduces, and dropped where it reproduces none. Where the
-transfer is already exact (function-preserving twins) ``full = d_s`` and every scale is 1. With
-seven roles and thousands of chunks the fit has little to overfit; it uses no data, only text the
-models generated themselves.
-
-Least squares sizes the transfer too small wherever it tracks the source only in part, and on
-real pairs it does (correlation ρ ≈ 0.2–0.5): it is the regression of the source's effect on the
-transferred one, attenuated by the share of the transferred effect that is not the source's.
-Read as errors in variables, ``d_s = β z + e_s`` and ``d_t = z + e_t`` for the part ``z`` both
-share: least squares returns ``β λ_t``, with ``λ_t = var z / var d_t`` the transferred effect's
-reliability, and ``ρ² = λ_s λ_t``. Two measurements cannot separate ``λ_t`` from ``λ_s``. The
-ends are ``λ_t = 1`` (least squares: everything the transfer does is the source's effect) and
-``λ_t = ρ`` (equal reliabilities: the reduced-major-axis size, as strong on the target as the
-source adapter is on the source). The scales are multiplied by ``ρ^(-1/2)`` (``disattenuation``),
-the geometric midpoint, which is the geometric mean of the two ends' sizes. On the development
-task (bench/dev) the midpoint raised all six pairs (mean gap recovered 0.253 → 0.331); the
-reduced-major-axis end overshot where the target's own adapter is weak (docs/results.md). On an
-exact transfer ``ρ = 1`` and the factor is 1.
-
-After scaling, the target is run once more with the whole calibrated adapter: the correlation of
-its chunk effects with the source's, and the fraction of ``‖d_s‖²`` it explains, go to the
-report as the transfer's measured fidelity on the probe text.
+Between two consecutive aligned boundaries both models predict the same piece of text, a
+*chunk*, so a chunk's log-likelihood is a number both define. The source adapter's effect is
+``d_s`` (C,), the changes it makes to the source's chunk log-likelihoods; the transfer's is
+``full`` (C,) on the target, and each role's part ``slopes`` (R, C) is what is lost when that role
+alone is left out. Per-role scales ``c`` (R,) ≥ 0 solve ``min ‖full + slopesᵀ (c − 1) − d_s‖``
+(``fit_scales``), then all are multiplied by ``ρ^(-1/2)`` for the least-squares attenuation
+(``disattenuation``). On an exact transfer every factor is 1. The reasoning (an
+errors-in-variables reading) and the measurements are in docs/methods.md, "Calibration by
+function".
 """
 
 from __future__ import annotations
@@ -46,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosslora.anchor.probe import ProbeBatch, right_padded
+from crosslora.methods.matched.probe import ProbeBatch, right_padded
 
 
 @dataclass
