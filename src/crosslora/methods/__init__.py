@@ -33,8 +33,11 @@ __all__ = [
     "Params",
     "Prepared",
     "Unsupported",
+    "expectation",
     "get_method",
 ]
+
+CARRIES_LITTLE = 0.05  # below this mean gap recovered, a method is said to carry almost nothing
 
 
 def get_method(name: str, params: Params | None = None) -> Method:
@@ -47,3 +50,18 @@ def get_method(name: str, params: Params | None = None) -> Method:
             f"method {name} takes {cls.params_type.__name__}, not {type(params).__name__}"
         )
     return cls(params)
+
+
+def expectation(name: str) -> tuple[str, bool]:
+    """What the benchmark says to expect of method ``name``, in one sentence, and whether that
+    is a warning (the method measurably carries almost nothing of an adapter's effect)."""
+    recovered = METHODS[name].recovered
+    if recovered is None:
+        return (f"{name} is not in the six-pair benchmark (docs/results.md): how much of the "
+                "adapter survives is not measured", False)  # fmt: skip
+    said = (f"on the six-pair benchmark {name} recovered {recovered:.2f} of a target-trained "
+            "adapter's effect (mean NLL gap, docs/results.md)")  # fmt: skip
+    if recovered < CARRIES_LITTLE:
+        return said + "; it carries almost nothing: consider --method matched", True
+    return said, False
+

@@ -122,6 +122,9 @@ class Method:
     truncates: ClassVar[bool] = False  # whether --truncation-rank applies
     then: ClassVar[str | None] = None  # what ``calibrate`` does after the modules, for the plan
     draws: ClassVar[bool] = False  # whether the method draws random probe text (``--draws``)
+    # what the six-pair benchmark measured (docs/results.md): the mean share of a target-trained
+    # adapter's effect (NLL gap) the transfer recovers; None where the method is not in it
+    recovered: ClassVar[float | None] = None
 
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.params_type()

@@ -22,6 +22,7 @@ def fit(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 @register
 class CropPad(Method):
     name = "crop-pad"
+    recovered = -0.006  # docs/results.md, the six-pair table
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         out_t, in_t = ctx.tgt_shape

@@ -30,6 +30,7 @@ from crosslora.methods.base import Method, MethodOutput, ModuleContext, Prepared
 @register
 class CrossLora(Method):
     name = "cross-lora"
+    recovered = 0.001  # docs/results.md, the six-pair table
     truncates = True
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:

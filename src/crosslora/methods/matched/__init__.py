@@ -97,6 +97,7 @@ class MatchedPair(Prepared):
 @register
 class Matched(Method):
     name = "matched"
+    recovered = 0.297  # docs/results.md, the six-pair table
     params_type = MatchedParams
     default_layer_map = "merge"
     then = "calibrate each role's update by its effect on the probe text's likelihood"
