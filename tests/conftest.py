@@ -43,6 +43,45 @@ TINY: dict[str, tuple[type, dict]] = {
     "gpt2": (tf.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "gpt_neox": (tf.GPTNeoXConfig, dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4)),
+    # the families of tests/test_families.py
+    "olmo2": (tf.Olmo2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2)),
+    "granite": (tf.GraniteConfig, dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       embedding_multiplier=12.0, residual_multiplier=0.22,
+                                       attention_multiplier=1 / 12, logits_scaling=8.0)),
+    # Mistral-Nemo: head_dim 12, so that heads × head_dim (48) is not hidden_size (32)
+    "mistral-nemo": (tf.MistralConfig, dict(hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=12)),
+    # Phi-4 is the phi3 architecture: grouped-query attention (4:1) in the fused qkv_proj, and
+    # (Phi-4-mini) a partial rotary embedding
+    "phi4": (tf.Phi3Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=1, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75,
+                                 sliding_window=None)),
+    # Gemma 3 multimodal (Gemma3ForConditionalGeneration): the text decoder in text_config, and
+    # the smallest vision tower (one layer, one 14x14 patch)
+    "gemma3": (tf.Gemma3Config, dict(
+        text_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=24,
+                         vocab_size=96, max_position_embeddings=64),
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=1, image_size=14, patch_size=14),
+        mm_tokens_per_image=1)),
+    "mixtral": (tf.MixtralConfig, dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (tf.Qwen2MoeConfig, dict(hidden_size=32, intermediate_size=64,
+                                          moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": (tf.Qwen3MoeConfig, dict(hidden_size=32, intermediate_size=64,
+                                          moe_intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          num_experts=3, num_experts_per_tok=2)),
 }  # fmt: skip
 
 # PEFT target_modules per family: every q/k/v/o/gate/up/down module it has.
@@ -50,6 +89,10 @@ ALL_MODULES = {
     "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    # mixture-of-experts: attention only (tests/test_families.py adds the experts)
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

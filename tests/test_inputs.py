@@ -46,7 +46,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     ids=["rank-alpha-pattern", "rslora", "regex-targets", "layers-to-transform"],
 )  # fmt: skip
 def test_peft_config_fields_are_honoured(lora_kwargs, tiny_model, tmp_path):
-    """Copy onto the same model reproduces exactly what PEFT applies, for each config feature."""
+    """Copy onto the same model reproduces what PEFT applies, for each config feature: exactly,
+    or to float rounding where the source's rank/alpha patterns are folded into one rank and
+    scale (written adapters carry no patterns: tests/test_serving_format.py)."""
     model = tiny_model("llama")
     adapter = make_adapter(model, tmp_path / "ad", **lora_kwargs)
     out = tmp_path / "out"
@@ -54,11 +56,14 @@ def test_peft_config_fields_are_honoured(lora_kwargs, tiny_model, tmp_path):
     want = delta_weights(load_with_adapter(model, adapter))
     got = delta_weights(load_with_adapter(model, out))
     assert want.keys() == got.keys()
+    folded = "rank_pattern" in lora_kwargs or "alpha_pattern" in lora_kwargs
     for name in want:
-        assert torch.equal(got[name], want[name]), name
+        if folded:
+            assert rel_err(got[name], want[name]) < 1e-6, name
+        else:
+            assert torch.equal(got[name], want[name]), name
     # and a transfer to another family keeps each module's scale (here: full-rank cross-lora
-    # onto a copy of the same model, which must reproduce ΔW through the written rank/alpha
-    # patterns)
+    # onto a copy of the same model, which must reproduce ΔW)
     out2, same = tmp_path / "out2", copy_folder(model, tmp_path / "same")
     assert (
         run(*transfer_argv(adapter, model, same, out2, "cross-lora"), "--truncation-rank", "full")
@@ -214,8 +219,11 @@ def test_unknown_model_type_lists_what_is_supported(tiny_model, tiny_adapter, tm
     capsys.readouterr()
     assert run(*transfer_argv(tiny_adapter("llama"), tiny_model("llama"), odd, tmp_path / "o")) == 2
     err = capsys.readouterr().err
-    assert "model_type 'mamba' is not supported; supported: gemma, gemma2, gemma3_text, gpt2" in err
-    assert "llama, mistral, phi3, qwen2, qwen3" in err
+    assert (
+        "model_type 'mamba' is not supported; supported: gemma, gemma2, gemma3, gemma3_text, "
+        "gpt2, gpt_neox, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, "
+        "qwen3_moe\n"
+    ) in err
 
 
 def test_adapter_for_another_model_names_the_first_module_that_disagrees(

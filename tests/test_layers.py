@@ -3,7 +3,7 @@
 Every ``import`` in every module counts: at the top, inside functions and under
 ``TYPE_CHECKING``. Layers, lowest first (a module may import its own layer and those below):
 
-0. foundations: errors, version, device, lora, linalg, heap, layer_map, paths
+0. foundations: errors, version, device, lora, linalg, heap, layer_map, paths, speed
 1. formats and architectures: io, arch
 2. the shared types and resources of a transfer: core, memory, basis_cache
 3. methods
@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "crosslora"
 LAYERS = [
-    {"errors", "version", "device", "lora", "linalg", "heap", "layer_map", "paths"},
+    {"errors", "version", "device", "lora", "linalg", "heap", "layer_map", "paths", "speed"},
     {"io", "arch"},
     {"core", "memory", "basis_cache"},
     {"methods"},

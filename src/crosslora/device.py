@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from crosslora.errors import CrossLoraError
@@ -28,3 +30,22 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         if device.index is not None and device.index >= count:
             raise CrossLoraError(f"--device {name}: this machine has {count} CUDA device(s)")
     return device
+
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` where it is set, else the cores this process may run on (its CPU
+    affinity, which a container or ``taskset`` narrows; not the machine's core count)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Compute with ``threads`` CPU threads (None: ``default_threads()``); returns the number."""
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n

@@ -22,7 +22,7 @@ from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
 from crosslora.linalg import DEFAULT_SVD, DEFAULT_TRUNCATION_RANK, SVD_MODES
 from crosslora.memory import check_fits
-from crosslora.methods import DEFAULT_METHOD, Method, Params, get_method
+from crosslora.methods import DEFAULT_METHOD, Method, Params, expectation, get_method
 from crosslora.plan import TransferPlan, plan_transfer, resolve
 from crosslora.report import build_report, model_card
 from crosslora.version import __version__
@@ -46,6 +46,9 @@ class TransferOptions:
     cache_min_elements: int = CACHE_MIN_ELEMENTS  # smaller weights are not worth caching
     draws: int = 1  # independent probe draws whose mean update is written (matched only)
     params: Params | None = None  # the method's parameters (its ``params_type``); None: defaults
+    # the written adapter's base_model_name_or_path and its card's base_model; None: the target's
+    # hub id where known (report.build_report), else its folder's name
+    base_model_name_or_path: str | None = None
 
 
 def check_options(options: TransferOptions) -> tuple[Method, torch.device]:
@@ -146,7 +149,10 @@ def run_transfers(
         ]
         for out in outs:
             check_separate(out, resolved)
-        return run_plans(batch, plans, options, claims, progress)
+        reports = run_plans(batch, plans, options, claims, progress)
+    said, warn = expectation(options.method)
+    (log.warning if warn else log.info)("%s: %s", "warning" if warn else "expect", said)
+    return reports
 
 
 def _input_paths(
@@ -213,7 +219,8 @@ def _write(
     extra: dict,
 ) -> dict:
     settings = {**asdict(options), "device": str(device)}
-    report = {**build_report(inputs, plan, results, settings, seconds), **extra}
+    out = claim.given
+    report = {**build_report(inputs, plan, results, settings, seconds, out), **extra}
     tgt = inputs.tgt
     suffix_of = {
         t.tgt.slot.module: t.tgt.slot.module.split(f".{t.tgt.layer}.", 1)[1] for t in plan.tasks
@@ -221,6 +228,9 @@ def _write(
     name_of = {m: _short_name(s, list(tgt.family.modules)) for m, s in suffix_of.items()}
     layer_of = {r.task.tgt.slot.module: r.task.tgt.layer for r in results}
     selection = target_modules_for(adapted_modules(written), layer_of, name_of, tgt.num_layers)
+    exclude = tgt.exclude_modules()  # a vision tower's q_proj is not the decoder's
+    if exclude:
+        selection["exclude_modules"] = exclude
     dtype = DTYPES[options.dtype] if options.dtype else inputs.adapter.dtype
     src_cfg = inputs.adapter.config
     metadata = {
@@ -230,12 +240,10 @@ def _write(
         "crosslora_target_model": inputs.tgt_name,
         "crosslora_source_adapter": str(inputs.adapter.path),
     }
-    out = claim.given
     with claim.staged() as tmp:
-        write_adapter(
+        config = write_adapter(
             tmp, assemble(written),
-            base_model=inputs.tgt_name,
-            r=inputs.adapter.r,
+            base_model=report["base_model"],
             lora_alpha=inputs.adapter.lora_alpha,
             use_rslora=inputs.adapter.use_rslora,
             selection=selection,
@@ -246,6 +254,8 @@ def _write(
             extra={"task_type": src_cfg.get("task_type") or "CAUSAL_LM",
                    "lora_dropout": float(src_cfg.get("lora_dropout") or 0.0)},
         )  # fmt: skip
+        # one rank and one scale for every module (no rank/alpha patterns): how it was written
+        report["written"] = {k: config[k] for k in ("r", "lora_alpha", "use_rslora")}
         (tmp / "transfer_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(report))
     s = report["summary"]

@@ -20,7 +20,8 @@ from crosslora.io.peft_adapter import Adapter, read_adapter
 from crosslora.layer_map import LayerMap, map_layers, ranges
 from crosslora.linalg import DEFAULT_TRUNCATION_RANK
 from crosslora.memory import MemoryNeed
-from crosslora.methods import METHODS, Method
+from crosslora.methods import METHODS, Method, expectation
+from crosslora.speed import duration, seconds_for
 
 log = logging.getLogger("crosslora")
 
@@ -47,6 +48,7 @@ class TransferPlan:
     skipped: list[Skip] = field(default_factory=list)
     diagnostics: dict = field(default_factory=dict)  # the method's, for the whole transfer
     memory: MemoryNeed | None = None  # the method's peak beyond streaming the weights
+    seconds: float = 0.0  # estimated from the work's size and this machine's speed
 
     def describe(self) -> str:
         """A human-readable plan: the layer map, every task with shapes, every skip."""
@@ -79,6 +81,13 @@ class TransferPlan:
             lines.append(f"then: {then}")
         if self.memory:
             lines.append(f"memory: {self.memory.describe()}")
+        if self.seconds > 0:
+            lines.append(
+                f"time: about {duration(self.seconds)} on this machine (from its speed and "
+                "the work's size; within about a factor of two)"
+            )
+        said, warn = expectation(self.method)
+        lines.append(f"{'warning' if warn else 'expect'}: {said}")
         return "\n".join(lines)
 
 
@@ -174,13 +183,20 @@ def plan_transfer(
                 continue
             tref = tgt.role(lmap.pairs[layer], ref.role)
             if tref is None:
-                skipped.append(Skip(what, f"the target has no {ref.role!r} module"))
+                why = tgt.absent_reason(ref.role) or f"the target has no {ref.role!r} module"
+                skipped.append(Skip(what, why))
                 continue
             reason = meth.check(ref.shape, tref.shape)
             if reason:
                 skipped.append(Skip(what, f"{method} {reason}"))
                 continue
             tasks.append(ModuleTask(ref, tref, name))
+    # the modules the source family does not transfer (``not_transferred``: a vision tower,
+    # mixture-of-experts experts), and LoRAs that PEFT put on a parameter (``target_parameters``)
+    for n in [*(n for n in foreign if src.skip_reason(n)), *adapter.parameter_modules]:
+        why = src.skip_reason(n) or "a LoRA on a parameter (target_parameters): not transferred"
+        skipped.append(Skip(n, why))
+    foreign = [n for n in foreign if src.skip_reason(n) is None]
     if foreign:
         if len(foreign) == len(adapter.modules):
             raise CrossLoraError(
@@ -195,4 +211,7 @@ def plan_transfer(
         raise CrossLoraError(f"nothing to transfer with method {method}{first}")
     tasks.sort(key=lambda t: (t.src.layer, ROLES.index(t.src.role)))
     memory = meth.memory(src, tgt, device)
-    return TransferPlan(method, lmap, truncation_rank, tasks, skipped, memory=memory)
+    work = meth.flops(src, tgt, [(t.src.shape, t.tgt.shape) for t in tasks], truncation_rank)
+    seconds = seconds_for(work, device) if work else 0.0
+    return TransferPlan(method, lmap, truncation_rank, tasks, skipped, memory=memory,
+                        seconds=seconds)  # fmt: skip

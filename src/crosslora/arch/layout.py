@@ -6,6 +6,22 @@ several roles in row blocks of its output: ``contiguous`` (Phi-3 ``qkv_proj``, G
 or ``heads_interleaved`` (GPT-NeoX ``query_key_value``: per head, q then k then v rows).
 GPT-2 stores Conv1D weights as (in, out); ``conv1d: true`` says so.
 
+Optional fields, for models whose decoder is one part of a larger model or whose MLP is not dense:
+
+- ``text_config``: the config's sub-object that holds the decoder's sizes (Gemma 3 multimodal:
+  ``text_config``); else the config's top level.
+- ``config_defaults``: the sizes that config may leave out, with the values transformers' config
+  class gives them (the hub's Gemma 3 4B ``text_config`` names no head counts, head_dim or vocab).
+- ``checkpoint_prefixes``: ``{module-path prefix: checkpoint-key prefix}`` that weight look-ups
+  also try (Gemma 3 multimodal checkpoints store ``model.language_model.X`` as
+  ``language_model.model.X``).
+- ``not_transferred``: ``{regex: reason}``: an adapter module whose path the regex finds
+  (``re.search``) is skipped with that reason (a vision tower, mixture-of-experts experts and
+  routers); a written adapter excludes the target's such modules (PEFT ``exclude_modules``), whose
+  names may repeat the decoder's (``q_proj`` in a vision tower).
+- ``absent_roles``: ``{role: reason}``: why a layer may lack a role (a mixture-of-experts MLP has
+  no dense ``gate``/``up``/``down``), said where a transfer's target lacks it.
+
 Every role reads one named space and writes another (``ROLE_SPACES``); those are the spaces a
 transfer must map between the two models.
 """
@@ -97,6 +113,17 @@ class Dims:
     vocab: int
 
 
+def decoder_config(config: dict, family: Family, what: str) -> dict:
+    """The part of a model's config that sizes its decoder: the family's ``text_config``
+    sub-object (a multimodal model's text tower), else the whole config."""
+    sub = family.data.get("text_config")
+    inner = config if sub is None else config.get(sub)
+    if not isinstance(inner, dict):
+        raise CrossLoraError(f"{what} config: missing {sub} (the text decoder's config)")
+    defaults = family.data.get("config_defaults", {})
+    return {**defaults, **{k: v for k, v in inner.items() if v is not None or k not in defaults}}
+
+
 def read_dims(config: dict, what: str) -> Dims:
     def get(*names: str, default: int | None = None) -> int:
         for name in names:
@@ -160,7 +187,13 @@ class Layout:
             detail = f"model_type {checkpoint.model_type!r}, auto_map in config.json"
             raise CrossLoraError(remote_code_message(checkpoint.path, what, detail))
         self.family = family_for(checkpoint.model_type, what)
-        self.dims = read_dims(checkpoint.config, what)
+        checkpoint.prefix_aliases = tuple(self.family.data.get("checkpoint_prefixes", {}).items())
+        self.config = decoder_config(checkpoint.config, self.family, what)
+        self.dims = read_dims(self.config, what)
+        self._not_transferred = [
+            (re.compile(pattern), reason)
+            for pattern, reason in self.family.data.get("not_transferred", {}).items()
+        ]
         self._check_layer_count()
         leaf = re.escape(self.family.layers.split(".")[-1])
         suffixes = "|".join(re.escape(s) for s in self.family.modules)
@@ -175,14 +208,20 @@ class Layout:
         container (``model.layers.N.``, or ``layers.N.`` in a bare model's checkpoint). Fewer in
         the config would silently leave the later layers (and their adapter) out; more would
         leave layers without weights."""
-        parts = self.family.layers.split(".")
-        prefixes = "|".join(re.escape(".".join(parts[i:])) for i in range(len(parts)))
+        paths = [self.family.layers] + [
+            stored + self.family.layers[len(prefix) :]
+            for prefix, stored in self.checkpoint.prefix_aliases
+            if self.family.layers.startswith(prefix)
+        ]
+        suffixes = {".".join(parts[i:]) for p in paths for parts in [p.split(".")]
+                    for i in range(len(parts))}  # fmt: skip
+        prefixes = "|".join(re.escape(x) for x in sorted(suffixes, key=len, reverse=True))
         layer_key = re.compile(rf"(?:{prefixes})\.(\d+)\.")
         found = {int(m[1]) for key in self.checkpoint.keys() if (m := layer_key.match(key))}
         n = self.dims.layers
         if found == set(range(n)):
             return
-        config = self.checkpoint.config
+        config = self.config
         field_name = next((k for k in ("num_hidden_layers", "n_layer") if config.get(k)), "layers")
         have = (
             f"{len(found)} layers ({ranges(sorted(found))})"
@@ -258,9 +297,27 @@ class Layout:
         return list(self._roles.values())
 
     def parse_module(self, module: str) -> tuple[int, str] | None:
-        """``(layer, suffix)`` of an adapter's module name, whatever its prefix; None if foreign."""
+        """``(layer, suffix)`` of an adapter's module name, whatever its prefix; None if foreign,
+        or if the family does not transfer it (``skip_reason``)."""
+        if self.skip_reason(module) is not None:
+            return None
         m = self._module_re.match(module)
         return (int(m[1]), m[2]) if m else None
+
+    def skip_reason(self, module: str) -> str | None:
+        """Why the family does not transfer an adapter's module (``not_transferred``), else None."""
+        return next((why for rx, why in self._not_transferred if rx.search(module)), None)
+
+    def absent_reason(self, role: str) -> str | None:
+        """Why a layer of this family may lack ``role`` (``absent_roles``), else None."""
+        return self.family.data.get("absent_roles", {}).get(role)
+
+    def exclude_modules(self) -> str | None:
+        """A PEFT ``exclude_modules`` regex (``re.fullmatch``) for the modules the family does not
+        transfer into, or None: a written adapter's ``target_modules`` list names leaves such as
+        ``q_proj``, which a vision tower's modules share."""
+        patterns = list(self.family.data.get("not_transferred", {}))
+        return "|".join(f".*(?:{p}).*" for p in patterns) if patterns else None
 
     def slot_roles(self, layer: int, suffix: str) -> list[RoleRef]:
         roles, _ = self.family.modules[suffix]

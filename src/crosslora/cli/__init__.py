@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -44,16 +45,49 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so that staged output is cleaned up on the way out."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (where it has one to show), the epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help  # no value to show: the help says what happens
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="crosslora",
         description="Transfer LoRA adapters between base LLMs without data or training.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"crosslora {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"crosslora.cli.{name}").register(subparsers)
+        module = importlib.import_module(f"crosslora.cli.{name}")
+        module.register(subparsers)
+        sub = subparsers.choices[name]
+        sub.formatter_class = HelpFormatter
+        sub.epilog = "example:\n  " + "\n  ".join(module.EXAMPLES)
     return parser
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: how many CPU threads torch computes with."""
+    parser.add_argument(
+        "--threads", type=threads_count, metavar="N",
+        help="CPU threads for the computation (default: OMP_NUM_THREADS if set, else the cores "
+        "this process may run on)",
+    )  # fmt: skip
+
+
+def threads_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
@@ -122,10 +156,16 @@ def library_warnings_hidden(verbose: bool) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     verbose = False
+    # OpenMP threads that find their core busy sleep instead of spinning (read when torch loads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args = build_parser().parse_args(argv)
         quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
         configure_logging(quiet, verbose)
+        if hasattr(args, "threads"):
+            from crosslora.device import set_threads
+
+            set_threads(args.threads)
         with sigterm_raises(), library_warnings_hidden(verbose):
             return int(args.func(args) or 0)
     except CrossLoraError as err:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crosslora.cli import add_verbosity
+from crosslora.cli import add_threads, add_verbosity
+
+EXAMPLES = ("crosslora bench bench/demo.json --out runs/demo",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", type=Path, help="bench config (JSON); see bench/paper_table.json")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
+    add_threads(p)
     add_verbosity(p)
     p.set_defaults(func=run)
 

@@ -12,12 +12,18 @@ from pathlib import Path
 
 import torch
 
-from crosslora.cli import add_verbosity
+from crosslora.cli import add_threads, add_verbosity
 from crosslora.errors import CrossLoraError, one_line
 
 log = logging.getLogger("crosslora")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+EXAMPLES = (
+    "crosslora eval --model google/gemma-3-270m --adapter out/my-adapter-gemma "
+    "--tasks arc_easy,arc_challenge --limit 200 --output results.json",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,12 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated: {', '.join(TASKS)}, or task .json files "
         "(default: every task with the split)",
     )
-    p.add_argument("--split", default="validation", choices=("validation", "test"))
+    p.add_argument("--split", default="validation", choices=("validation", "test"),
+                   help="which split of the built-in tasks")  # fmt: skip
     p.add_argument("--limit", type=int, metavar="N", help="first N items of each task")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype", default="float32", choices=tuple(_DTYPES),
-        help="model dtype (default float32; bfloat16/float16 on CUDA only)",
+        help="model dtype (bfloat16/float16 on CUDA only)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="rows per forward")
     p.add_argument("--output", type=Path, help="write metrics and per-item records as JSON")
@@ -51,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-pickle", action="store_true",
         help="accept an adapter_model.bin adapter (loaded with torch.load(weights_only=True))",
     )  # fmt: skip
+    add_threads(p)
     add_verbosity(p)
     p.set_defaults(func=run)
 

@@ -6,8 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from crosslora.cli import add_verbosity
+from crosslora.cli import add_threads, add_verbosity
 from crosslora.layer_map import LAYER_MAPS
+
+EXAMPLES = ("crosslora inspect HuggingFaceTB/SmolLM2-135M google/gemma-3-270m --png alignment.png",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,10 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source_model", help="base model the adapter was trained on")
     p.add_argument("target_model", help="base model to transfer to")
-    p.add_argument("--layer-map", default="depth", choices=LAYER_MAPS)
+    p.add_argument("--layer-map", default="depth", choices=LAYER_MAPS,
+                   help="which source layer each target layer is compared with")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--png", type=Path, help="write a heatmap of alignment quality")
     p.add_argument("--json", type=Path, help="write the full result as JSON")
+    add_threads(p)
     add_verbosity(p)
     p.set_defaults(func=run)
 

@@ -8,6 +8,12 @@ import argparse
 from crosslora.cli import add_verbosity
 from crosslora.zoo import models as zoo
 
+EXAMPLES = (
+    "crosslora models pull smollm2-135m gemma3-270m",
+    "crosslora models pull-data",
+    "crosslora models list",
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``models pull NAME...``, ``models pull-data`` and ``models list``."""

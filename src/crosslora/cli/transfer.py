@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crosslora.cli import add_verbosity
+from crosslora.cli import add_threads, add_verbosity
 from crosslora.layer_map import LAYER_MAPS
 from crosslora.linalg import DEFAULT_SVD, DEFAULT_TRUNCATION_RANK, SVD_MODES
 from crosslora.methods import DEFAULT_METHOD, METHODS
@@ -24,6 +24,14 @@ def truncation_rank(text: str) -> int | None:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'full', got {text!r}")
     return value
+
+
+EXAMPLES = (
+    "crosslora transfer --adapter my-adapter --source-model HuggingFaceTB/SmolLM2-135M "
+    "--target-model google/gemma-3-270m --out-path out/my-adapter-gemma",
+    "crosslora transfer --adapter adapters/ --source-model S --target-model T --out-path out/ "
+    "--dry-run   # several adapters: the plan only",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="output adapter folder; with several adapters, the folder that receives "
         "<out-path>/<adapter folder name>/ for each",
     )  # fmt: skip
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    p.add_argument(
+        "--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+        help="how to carry the adapter over (docs/methods.md; the plan says what each recovered "
+        "on the benchmark)",
+    )  # fmt: skip
     p.add_argument(
         "--layer-map", choices=LAYER_MAPS,
         help="index (layer i to i, the paper's) or depth (relative depth); default: the method's",
@@ -56,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--svd", choices=SVD_MODES, default=DEFAULT_SVD,
-        help="fast: randomized block Krylov SVD (default; within 1e-3 of exact at 7B shapes, "
+        help="fast: randomized block Krylov SVD (within 1e-3 of exact at 7B shapes, "
         "docs/results.md); exact: the full SVD, as the paper",
     )  # fmt: skip
     p.add_argument(
@@ -73,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--draws", type=int, default=1, metavar="N",
         help="matched: run the transfer N times with independent probe text and write the mean "
-        "update, cut back to the adapter's rank (N times the time; default 1)",
+        "update, cut back to the adapter's rank (N times the time)",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     p.add_argument(
@@ -85,6 +97,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-pickle", action="store_true",
         help="accept adapter_model.bin (loaded with torch.load(weights_only=True))",
     )  # fmt: skip
+    p.add_argument(
+        "--base-model-name-or-path", metavar="NAME",
+        help="the base model the written adapter names (default: the target's hub id where "
+        "known, else its folder's name)",
+    )  # fmt: skip
+    add_threads(p)
     add_verbosity(p)
     p.set_defaults(func=run)
 
@@ -108,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, layer_map=args.layer_map, truncation_rank=args.truncation_rank,
         device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, svd=args.svd,
         cache=not args.no_cache, cache_dir=str(args.cache_dir) if args.cache_dir else None,
-        draws=args.draws,
+        draws=args.draws, base_model_name_or_path=args.base_model_name_or_path,
     )  # fmt: skip
     adapters = expand_adapters(args.adapter)
     several = len(adapters) > 1 or adapters != args.adapter
@@ -116,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         run_transfers(adapters, args.source_model, args.target_model, outs, options,
                       args.overwrite, not args.quiet)  # fmt: skip
+        for out in outs:  # on stdout, -q or not: where the output went
+            print(out)
         return 0
     batch, plans = plan_transfers(adapters, args.source_model, args.target_model, options)
     for inputs, plan, out in zip(batch, plans, outs):

@@ -119,6 +119,10 @@ class Checkpoint:
                 f"(got {self.model_type!r})"
             )
         self._shards: dict[str, TensorFile] = {}
+        # (module-path prefix, checkpoint-key prefix) pairs that ``find`` also tries: where the
+        # family's checkpoints store a tower under another name than its module path (set by
+        # ``arch.layout.Layout`` from the family file)
+        self.prefix_aliases: tuple[tuple[str, str], ...] = ()
         self.weight_map = self._weight_map(what)
         # every layer has at least one tensor: a larger layer count is a lying config (and would
         # make a layout walk billions of layers)
@@ -231,11 +235,19 @@ class Checkpoint:
         """The checkpoint key of ``<module_path>.<leaf>``, tolerating a missing or extra prefix.
 
         Checkpoints saved from a bare ``*Model`` lack the ``model.``/``transformer.`` prefix that a
-        ``*ForCausalLM`` module path has (and old GPT-2 files lack ``transformer.``).
+        ``*ForCausalLM`` module path has (and old GPT-2 files lack ``transformer.``). The path as
+        given is tried first, then through ``prefix_aliases`` (Gemma 3 multimodal checkpoints store
+        the module ``model.language_model.X`` as ``language_model.model.X``).
         """
-        parts = module_path.split(".")
-        for i in range(len(parts)):
-            key = ".".join([*parts[i:], leaf])
-            if key in self.weight_map:
-                return key
+        paths = [module_path] + [
+            stored + module_path[len(prefix) :]
+            for prefix, stored in self.prefix_aliases
+            if module_path.startswith(prefix)
+        ]
+        for path in paths:
+            parts = path.split(".")
+            for i in range(len(parts)):
+                key = ".".join([*parts[i:], leaf])
+                if key in self.weight_map:
+                    return key
         return None

@@ -4,7 +4,8 @@ PEFT saves an adapter as ``adapter_config.json`` plus ``adapter_model.safetensor
 ``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r). A
 module's rank and alpha come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches its
 name (PEFT's rule: ``re.match(rf"(.*\\.)?({pattern})$", name)``), else from ``r`` / ``lora_alpha``;
-its scale is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+its scale is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. A written adapter uses neither
+pattern (``write_adapter``): servers such as vLLM ignore them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 import torch
 
 from crosslora.errors import CrossLoraError
-from crosslora.io.checkpoint import read_json, resolve_local_or_hub
+from crosslora.io.checkpoint import HUB_ID, read_json, resolve_local_or_hub
 from crosslora.io.files import open_regular
 from crosslora.io.peft_config import module_patterns, read_adapter_config
 from crosslora.io.safetensors_file import TensorFile, write_safetensors
+from crosslora.io.spool import Spool
 from crosslora.lora import LoraFactors
 
 log = logging.getLogger("crosslora")
@@ -42,11 +44,6 @@ def lora_key(module: str, which: str) -> str:
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def alpha_for_scale(scale: float, r: int, use_rslora: bool) -> float:
-    """The ``lora_alpha`` that gives ``scale`` at rank ``r`` (inverse of ``lora_scale``)."""
-    return scale * math.sqrt(r) if use_rslora else scale * r
 
 
 @dataclass(frozen=True)
@@ -74,6 +71,9 @@ class Adapter:
     modules: dict[str, ModuleLora]
     dtype: torch.dtype
     _tensors: TensorFile | dict[str, torch.Tensor] | None = None
+    # modules whose LoRA PEFT put on a parameter (``target_parameters``: mixture-of-experts expert
+    # tensors, routers), not on a Linear: listed for the plan to skip, not read
+    parameter_modules: tuple[str, ...] = ()
 
     def tensor(self, key: str) -> torch.Tensor:
         assert self._tensors is not None
@@ -129,6 +129,7 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
         raise CrossLoraError(f"adapter {path}: no LoRA tensors (lora_A/lora_B) in its weights")
 
     modules: dict[str, ModuleLora] = {}
+    on_parameters: list[str] = []
     for module, pair in sorted(found.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
@@ -136,6 +137,9 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
     matched = module_patterns(config, sorted(found))
     for i, (module, pair) in enumerate(sorted(found.items())):
         if not matched.targeted[i]:
+            if _on_parameter(module, config.get("target_parameters") or []):
+                on_parameters.append(module)
+                continue
             raise CrossLoraError(
                 f"adapter {path}: module {module} has weights but is not in "
                 f"target_modules={target_modules!r}"
@@ -159,7 +163,22 @@ def read_adapter(spec: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
         )  # fmt: skip
     # layers_to_transform is checked against the source model's layers in plan.plan_transfer
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return Adapter(path, config, r, float(lora_alpha), use_rslora, modules, dtype, tensors)
+    return Adapter(path, config, r, float(lora_alpha), use_rslora, modules, dtype, tensors,
+                   tuple(on_parameters))  # fmt: skip
+
+
+def _on_parameter(module: str, targets: list[str]) -> bool:
+    """Whether PEFT's ``target_parameters`` put ``module``'s LoRA on one of its parameters. PEFT
+    matches ``<module>.<parameter>`` against each target by suffix, so a target ``p`` may be a
+    parameter of any module, ``m.p`` one of a module whose path ends in ``m``; a module with
+    several targeted parameters nests its wrappers (``<module>.base_layer``)."""
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    for target in targets:
+        owner = target.rpartition(".")[0]
+        if not owner or module == owner or module.endswith("." + owner):
+            return True
+    return False
 
 
 def _refuse_unsupported(key: str) -> None:
@@ -240,6 +259,67 @@ def _dtype(tensors: TensorFile | dict[str, torch.Tensor], key: str) -> torch.dty
     return tensors[key].dtype
 
 
+# The models ``crosslora models pull`` installs (``crosslora.zoo.registry``, by name) -> the model
+# each one is on the hub, and its licence. A pulled folder records its zoo name in its marker file
+# (``crosslora.zoo.models.MARKER``; the zoo sits above this layer, so the name is repeated here).
+PULLED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "gemma3-270m": ("google/gemma-3-270m", "gemma"),
+    "qwen2.5-0.5b": ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "apache-2.0"),
+}
+PULLED_MARKER = "crosslora_model.json"
+_HUB_CACHE_SNAPSHOT = re.compile(r"^models--([\w.-]+?)--([\w.-]+)$")
+
+
+def looks_like_hub_id(name: object) -> bool:
+    """``org/name``, as the hub spells repositories; not a path (absolute, ``./``, ``~``)."""
+    return (
+        isinstance(name, str)
+        and name.count("/") == 1
+        and HUB_ID.match(name) is not None
+        and not name.startswith((".", "~"))
+        and ".." not in name
+    )
+
+
+def pulled_model(folder: Path) -> tuple[str, str | None] | None:
+    """``(hub id, licence or None)`` of a folder that ``crosslora models pull`` made, from its
+    marker: the ``upstream`` id (and ``license``) it records, if any, else its zoo name's entry
+    in ``PULLED_MODELS``; None for any other folder."""
+    try:
+        marker = read_json(folder / PULLED_MARKER, "pulled model marker")
+    except CrossLoraError:
+        return None
+    known = PULLED_MODELS.get(str(marker.get("name")))
+    upstream = marker.get("upstream")
+    if looks_like_hub_id(upstream) and (known is None or known[0] != upstream):
+        licence = marker.get("license")
+        return upstream, licence if isinstance(licence, str) else None
+    return known
+
+
+def base_model_name(spec: str, folder: Path, config: dict) -> str:
+    """The name a written adapter gives its base model (``base_model_name_or_path``, the model
+    card's ``base_model``): a name that resolves wherever the adapter goes, not the folder where
+    it was made. In order: ``spec`` if it was a hub id (not a local folder); the model config's
+    ``_name_or_path`` if it is an ``org/name`` hub id; the upstream id of a folder pulled by
+    ``crosslora models pull``; ``org/name`` of a snapshot in a hub cache
+    (``models--org--name/snapshots/<revision>``); else the folder's name."""
+    if not Path(spec).expanduser().exists() and HUB_ID.match(spec):
+        return spec
+    for key in ("_name_or_path", "_model_name_or_path"):
+        if looks_like_hub_id(config.get(key)):
+            return config[key]
+    pulled = pulled_model(folder)
+    if pulled:
+        return pulled[0]
+    here = Path(folder).expanduser().resolve()
+    m = _HUB_CACHE_SNAPSHOT.match(here.parent.parent.name)
+    if here.parent.name == "snapshots" and m:
+        return f"{m[1]}/{m[2]}"
+    return here.name
+
+
 def target_modules_for(
     modules: list[str], layer_of: dict[str, int], name_of: dict[str, str], num_layers: int
 ) -> dict[str, object]:
@@ -267,7 +347,6 @@ def write_adapter(
     modules: Iterable[tuple[str, LoraFactors]],
     *,
     base_model: str,
-    r: int,
     lora_alpha: float,
     use_rslora: bool,
     selection: dict[str, object],
@@ -279,37 +358,42 @@ def write_adapter(
 ) -> dict:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for ``modules``.
 
-    The global ``r`` / ``lora_alpha`` / ``use_rslora`` are kept; a module whose rank or scale
-    differs gets ``rank_pattern`` / ``alpha_pattern`` entries (full module names) so that PEFT's
-    scale rule reproduces each module's ``scale`` exactly. ``modules``, ``(module path, factors)``
-    pairs, may be a generator: the weights file is streamed (``write_safetensors``), so one
-    module's factors are in memory at a time. Returns the config as written.
+    The adapter acts the same wherever it is served. vLLM, LoRAX and SGLang ignore
+    ``rank_pattern`` and ``alpha_pattern`` and scale every module by the global
+    ``lora_alpha / r``, so neither pattern is written: every module gets one rank, ``r`` = the
+    largest module rank (a lower-rank module is zero-padded: zero rows of ``A``, zero columns of
+    ``B``), and its scale is folded into ``B``: ``B · (scale / s)`` with
+    ``s = lora_scale(lora_alpha, r, use_rslora)`` (``lora_alpha`` and ``use_rslora``: the source
+    adapter's). ``modules``, ``(module path, factors)`` pairs, may be a generator: each module's
+    factors are parked on disk in ``folder`` until ``r`` is known (``Spool``), and the weights file
+    is streamed (``write_safetensors``), so one module's factors are in memory at a time. Returns
+    the config as written.
     """
     from peft import LoraConfig
 
-    global_scale = lora_scale(lora_alpha, r, use_rslora)
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
+    with Spool(folder, str(folder)) as spool:
+        parked = [(module, spool.park(f)) for module, f in modules]
+        if not parked:
+            raise CrossLoraError(f"{folder}: no modules to write")
+        r = max(p.A.shape[0] for _, p in parked)
+        scale = lora_scale(lora_alpha, r, use_rslora)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for module, f in modules:
-            if f.r != r:
-                rank_pattern[module] = f.r
-            if f.scale != lora_scale(lora_alpha, f.r, use_rslora):
-                alpha_pattern[module] = alpha_for_scale(f.scale, f.r, use_rslora)
-            for which, factor in (("A", f.A), ("B", f.B)):
-                tensor = factor.to(dtype=dtype, copy=True).contiguous()
-                if not torch.isfinite(tensor).all():
-                    raise CrossLoraError(
-                        f"module {module}: lora_{which} does not fit in "
-                        f"{str(dtype).split('.')[-1]} (NaN or Inf after conversion; try --dtype "
-                        "float32)"
-                    )
-                yield lora_key(module, which), tensor
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for module, p in parked:
+                for which, factor in zip("AB", serving_factors(spool.load(p), r, scale)):
+                    tensor = factor.to(dtype=dtype, copy=True).contiguous()
+                    if not torch.isfinite(tensor).all():
+                        raise CrossLoraError(
+                            f"module {module}: lora_{which} does not fit in "
+                            f"{str(dtype).split('.')[-1]} (NaN or Inf after conversion; try "
+                            "--dtype float32)"
+                        )
+                    yield lora_key(module, which), tensor
 
-    write_safetensors(folder / WEIGHTS_NAME, tensors(), {"format": "pt", **metadata})
-    log.debug("global scale %.6g; %d rank / %d alpha pattern entries", global_scale,
-              len(rank_pattern), len(alpha_pattern))  # fmt: skip
+        write_safetensors(folder / WEIGHTS_NAME, tensors(), {"format": "pt", **metadata})
+        log.debug("rank %d, global scale %.6g: %d of %d modules padded, %d rescaled", r, scale,
+                  sum(p.A.shape[0] != r for _, p in parked), len(parked),
+                  sum(p.scale != scale for _, p in parked))  # fmt: skip
     layer_fields = dict(selection)
     if "layers_to_transform" in layer_fields:
         layer_fields["layers_pattern"] = layers_pattern
@@ -317,8 +401,6 @@ def write_adapter(
         r=r,
         lora_alpha=lora_alpha,
         use_rslora=use_rslora,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base_model,
         bias="none",
@@ -327,3 +409,18 @@ def write_adapter(
     )
     config.save_pretrained(str(folder))
     return read_json(folder / CONFIG_NAME, "written adapter config")
+
+
+def serving_factors(f: LoraFactors, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f`` as ``A`` (r, in) and ``B`` (out, r) with ``scale · B @ A == f.scale · f.B @ f.A``:
+    ``B`` times ``f.scale / scale`` (in at least float32) and both zero-padded to rank ``r``.
+    Factors already at rank ``r`` and scale ``scale`` come back unchanged, bit for bit."""
+    if f.r > r:
+        raise ValueError(f"factors of rank {f.r} do not fit rank {r}")
+    A, B = f.A, f.B
+    if f.scale != scale:
+        B = B.to(torch.promote_types(B.dtype, torch.float32)) * (f.scale / scale)
+    if f.r < r:
+        A = torch.cat([A, A.new_zeros(r - f.r, A.shape[1])], dim=0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], r - f.r)], dim=1)
+    return A, B

@@ -148,6 +148,9 @@ def _check_fields(config: dict) -> None:
         raise CrossLoraError("adapter config: field 'target_modules' must list strings")
     if isinstance(target_modules, str):
         _compiles(target_modules, "full", "target_modules")
+    target_parameters = _field(config, "target_parameters", (list, type(None)), None) or []
+    if not all(isinstance(t, str) for t in target_parameters):
+        raise CrossLoraError("adapter config: field 'target_parameters' must list strings")
     layers = _field(config, "layers_to_transform", (int, list, type(None)), None)
     if isinstance(layers, int) and layers < 0:
         raise CrossLoraError(f"adapter config: layers_to_transform must be >= 0, got {layers}")

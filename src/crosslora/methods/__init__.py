@@ -64,4 +64,3 @@ def expectation(name: str) -> tuple[str, bool]:
     if recovered < CARRIES_LITTLE:
         return said + "; it carries almost nothing: consider --method matched", True
     return said, False
-

@@ -23,8 +23,16 @@ in the truncated source subspaces.
 
 from __future__ import annotations
 
+from crosslora.arch.layout import Layout
 from crosslora.lora import LoraFactors
-from crosslora.methods.base import Method, MethodOutput, ModuleContext, Prepared, register
+from crosslora.methods.base import (
+    Method,
+    MethodOutput,
+    ModuleContext,
+    Prepared,
+    register,
+    svd_flops,
+)
 
 
 @register
@@ -32,6 +40,12 @@ class CrossLora(Method):
     name = "cross-lora"
     recovered = 0.001  # docs/results.md, the six-pair table
     truncates = True
+
+    def flops(
+        self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
+        truncation_rank: int | None,
+    ) -> float:  # fmt: skip
+        return svd_flops(shapes, truncation_rank)
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         (m, n), (mt, nt) = ctx.src_shape, ctx.tgt_shape

@@ -65,6 +65,7 @@ log = logging.getLogger("crosslora")
 
 RUNTIME_BYTES = 1 << 30  # torch, the tokenizers, the forward passes: what `memory` does not count
 POST_NORM = {"o": "post_attn_norm", "down": "post_mlp_norm"}  # family fields (Gemma 2/3)
+SAMPLED_PER_KEPT = 1.3  # probe texts sampled per text kept, on average (the plan's time estimate)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,23 @@ class Matched(Method):
             return MemoryNeed(peak + RUNTIME_BYTES, 0, what, disk)
         device_peak = max(m_s + m_t + logits, fits)
         return MemoryNeed(max(m_s, m_t, module) + RUNTIME_BYTES, device_peak, what, disk)
+
+    def flops(
+        self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
+        truncation_rank: int | None,
+    ) -> float:  # fmt: skip
+        """Sampling the probe text, reading it (both models), the fits (per module: the Gram
+        matrices and Cholesky factors of what it reads and writes) and the calibration's passes
+        (the source twice, the target 4 + 7 roles times, over the calibration texts)."""
+        p = self.params
+        w_s, w_t = parameter_bytes(src.checkpoint, 1), parameter_bytes(tgt.checkpoint, 1)
+        tokens = p.n_texts * p.text_tokens
+        sample = 2 * (w_s + w_t) * tokens / 2 * SAMPLED_PER_KEPT
+        read = 2 * (w_s + w_t) * tokens
+        calibrate = 2 * (2 * w_s + 11 * w_t) * p.calibration_texts * p.text_tokens
+        fits = sum(2 * tokens * (n_t**2 + m_s**2) + (n_t**3 + m_s**3) / 3
+                   for (m_s, _), (_, n_t) in shapes)  # fmt: skip
+        return sample + read + calibrate + fits
 
     def prepare(
         self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
