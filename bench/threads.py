@@ -3,13 +3,14 @@ without them (OpenMP's default wait policy), all in one run: thread oversubscrip
 
 Not a test. Makes a synthetic one-layer pair at 1B shapes with ``bench/perf.py``'s writers
 (once, kept under --work), then times ``crosslora transfer --method cross-lora --no-cache`` on
-it in four settings:
+it in six settings:
 
 - quiet / busy: alone, or while another process runs float32 matrix products on every core
   (torch's default threads: what a second transfer or a test suite does);
-- ours / OpenMP default: the command as shipped (``OMP_WAIT_POLICY=PASSIVE`` and ``--threads``
-  from the process's CPU affinity), or with ``OMP_WAIT_POLICY`` set empty, which OpenMP reads as
-  unset (its default: threads spin while they wait for work).
+- ours / ours, 1 thread / OpenMP default: the command as shipped (``OMP_WAIT_POLICY=PASSIVE``
+  and ``--threads`` from the process's CPU affinity), the same with ``OMP_NUM_THREADS=1``, or
+  with ``OMP_WAIT_POLICY`` set empty, which OpenMP reads as unset (its default: threads spin
+  while they wait for work).
 
     .venv/bin/python bench/threads.py [--size 1b] [--repeats 1]
 """
@@ -61,7 +62,11 @@ def main() -> None:
     args = p.parse_args()
     src, tgt, adapter = synthetic(args.size, args.work)
     base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
-    settings = {"ours": {**base_env}, "OpenMP default": {**base_env, "OMP_WAIT_POLICY": ""}}
+    settings = {
+        "ours": {**base_env},
+        "ours, 1 thread": {**base_env, "OMP_NUM_THREADS": "1"},
+        "OpenMP default": {**base_env, "OMP_WAIT_POLICY": ""},
+    }
     rows = []
     for load in ("quiet", "busy"):
         busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load == "busy" else None
