@@ -320,3 +320,22 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
         else:
             out[rel] = None if p.is_dir() else p.read_bytes()
     return out
+
+
+def hub_cache(tmp_path: Path, monkeypatch, repos: dict[str, Path]) -> Path:
+    """``repos`` (hub id -> model folder) in a hub cache under ``tmp_path`` (the hub's own
+    layout: ``models--org--name/snapshots/<commit>``, ``refs/main``), used offline."""
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo, folder in repos.items():
+        root = cache / f"models--{repo.replace('/', '--')}"
+        copy_folder(folder, root / "snapshots" / commit)
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return cache

@@ -14,6 +14,7 @@ from conftest import (
     build_model,
     copy_folder,
     delta_weights,
+    hub_cache,
     load_with_adapter,
     make_adapter,
     pickle_adapter,
@@ -183,22 +184,8 @@ def test_hub_ids_resolve_from_the_local_hub_cache_offline(
     tiny_model, tiny_adapter, tmp_path, monkeypatch
 ):
     """A hub id works with no network when the hub cache has it (HF_HUB_OFFLINE=1)."""
-    cache = tmp_path / "hub"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    for repo, folder in (
-        ("acme/tiny-llama", tiny_model("llama")),
-        ("acme/tiny-qwen2", tiny_model("qwen2")),
-    ):
-        root = cache / f"models--{repo.replace('/', '--')}"
-        copy_folder(folder, root / "snapshots" / commit)
-        (root / "refs").mkdir()
-        (root / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    hub_cache(tmp_path, monkeypatch,
+              {"acme/tiny-llama": tiny_model("llama"), "acme/tiny-qwen2": tiny_model("qwen2")})  # fmt: skip
     out = tmp_path / "out"
     assert (
         run(

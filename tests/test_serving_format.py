@@ -21,6 +21,7 @@ from conftest import (
     TOKENS,
     copy_folder,
     delta_weights,
+    hub_cache,
     load_with_adapter,
     make_adapter,
     transfer_argv,
@@ -235,22 +236,6 @@ def test_option_sets_the_base_model(tiny_model, tiny_adapter, tmp_path):
     assert "--base-model-name-or-path acme/named" in (out / "README.md").read_text()
 
 
-def hub_cache(tmp_path: Path, monkeypatch, repo: str, folder: Path) -> None:
-    """``folder`` as ``repo`` in a hub cache under ``tmp_path``, offline (tests/test_inputs.py)."""
-    cache = tmp_path / "hub"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo.replace('/', '--')}"
-    copy_folder(folder, root / "snapshots" / commit)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-
-
 @pytest.mark.parametrize(
     ("how", "hub_id"),
     [("pulled", PULLED_MODELS["smollm2-135m"][0]), ("config", "acme/tiny-llama")],
@@ -274,7 +259,7 @@ def test_output_loads_with_auto_peft_model_anywhere(how, hub_id, tiny_model, tin
     )
     assert card_meta(out)["base_model"] == hub_id
     shutil.rmtree(tmp_path / "made-here")
-    hub_cache(tmp_path, monkeypatch, hub_id, model)
+    hub_cache(tmp_path, monkeypatch, {hub_id: model})
     loaded = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
     want = load_with_adapter(model, out)
     with torch.no_grad():
