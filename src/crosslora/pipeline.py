@@ -25,7 +25,6 @@ from crosslora.memory import check_fits
 from crosslora.methods import DEFAULT_METHOD, Method, Params, expectation, get_method
 from crosslora.plan import TransferPlan, plan_transfer, resolve
 from crosslora.report import build_report, model_card
-from crosslora.version import __version__
 
 log = logging.getLogger("crosslora")
 
@@ -233,12 +232,10 @@ def _write(
         selection["exclude_modules"] = exclude
     dtype = DTYPES[options.dtype] if options.dtype else inputs.adapter.dtype
     src_cfg = inputs.adapter.config
-    metadata = {
-        "crosslora_version": __version__,
-        "crosslora_method": plan.method,
-        "crosslora_source_model": inputs.src_name,
-        "crosslora_target_model": inputs.tgt_name,
-        "crosslora_source_adapter": str(inputs.adapter.path),
+    # the weights file's metadata: the report's own account of where the adapter came from
+    metadata = {"crosslora_version": report["crosslora_version"]} | {
+        f"crosslora_{key}": str(report[key])
+        for key in ("method", "source_model", "target_model", "source_adapter")
     }
     with claim.staged() as tmp:
         config = write_adapter(
