@@ -146,7 +146,7 @@ def test_batch_transfer_reuses_everything_and_matches_single_runs(
     anchored = METHODS["anchored"]
     original = anchored.prepare
     monkeypatch.setattr(anchored, "prepare",
-                        lambda self, *a: prepared.append(1) or original(self, *a))  # fmt: skip
+                        lambda self, *a, **k: prepared.append(1) or original(self, *a, **k))  # fmt: skip
     out = tmp_path / "out"
     argv = transfer_argv([adapters / "alpha", adapters / "beta"], src, tgt, out, "anchored", "-q",
                          "--no-cache")  # fmt: skip

@@ -4,6 +4,7 @@ weight patching, and the chunk log-likelihoods it compares."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,11 +88,28 @@ class Bigram(torch.nn.Module):
         return type("Out", (), {"logits": self.table[input_ids]})()
 
 
+class BigramRun:
+    """``Streamed``'s interface over ``Bigram``: no layers, the logits its table's rows."""
+
+    n, device, skeleton = 0, torch.device("cpu"), None
+    layout = SimpleNamespace(family=SimpleNamespace(layers="layers"))
+
+    def __init__(self, model):
+        self.model = model
+
+    def layer_inputs(self, ids, mask):
+        return ids, []
+
+    def logits(self, ids, mask, last):
+        return self.model(last).logits
+
+
 def test_chunk_loglik_is_the_log_probability_of_each_chunk():
     model = Bigram()
     ids = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5]]
     positions = [[1, 4, 7], [0, 2]]
-    got = cal.chunk_loglik(model, ProbeBatch(ids, positions), pad_id=0, chunk=1)
+    (got,) = cal.chunk_logliks(BigramRun(model), ProbeBatch(ids, positions), pad_id=0,
+                               variants=[[]], chunk=1)
     logp = torch.log_softmax(model.table.detach().double(), dim=-1)
     want = []
     for seq, pos in zip(ids, positions):

@@ -5,10 +5,10 @@ Every ``import`` in every module counts: at the top, inside functions and under
 
 0. foundations: errors, version, device, lora, linalg, heap, layer_map, paths, speed
 1. formats and architectures: io, arch
-2. the shared types and resources of a transfer: core, memory, basis_cache
+2. the shared types and resources of a transfer: core, memory, basis_cache, pair_cache
 3. methods
 4. the pipeline: plan, execute, draws, report, pipeline
-5. tools built on it: inspect, eval, bench, zoo
+5. tools built on it: inspect, eval, bench, zoo, cluster
 6. the command line: cli, __main__
 
 The package root (``crosslora/__init__.py``, the public API) sits above them all and nothing in
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "crosslora"
 LAYERS = [
     {"errors", "version", "device", "lora", "linalg", "heap", "layer_map", "paths", "speed"},
     {"io", "arch"},
-    {"core", "memory", "basis_cache"},
+    {"core", "memory", "basis_cache", "pair_cache"},
     {"methods"},
     {"plan", "execute", "draws", "report", "pipeline"},
-    {"inspect", "eval", "bench", "zoo"},
+    {"inspect", "eval", "bench", "zoo", "cluster"},
     {"cli", "__main__"},
 ]
 

@@ -21,8 +21,9 @@ from crosslora.methods.matched.probe import (
     Spilled,
     activation_bytes,
     collect,
-    load_model,
 )
+from crosslora.methods.matched.sizes import RUNTIME_BYTES, fit_bytes
+from crosslora.methods.matched.stream import Streamed, load_model
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "phi3"])
@@ -37,9 +38,10 @@ def test_the_estimate_is_what_the_probe_keeps_and_the_model_holds(tiny_model, na
     ids = [torch.randint(3, 90, (n,), generator=gen).tolist() for n in (7, 12, 9, 5)]
     positions = [[0, 2, 5], list(range(1, 12)), [8], []]
     batch = ProbeBatch(ids, positions)
-    acts = collect(model, layout, batch, pad_id=0, chunk=2)
+    run = Streamed(layout, torch.device("cpu"), "model")
+    acts = collect(run, layout, batch, pad_id=0, chunk=2)
     with Spool() as spool:
-        spilled = collect(model, layout, batch, pad_id=0, chunk=2, spool=spool)
+        spilled = collect(run, layout, batch, pad_id=0, chunk=2, spool=spool)
         for kept, back in ((acts.inputs, spilled.inputs), (acts.residual, spilled.residual)):
             assert isinstance(back, Spilled) and set(kept) == set(back)
             for key in kept:
@@ -82,35 +84,35 @@ def test_a_streaming_method_needs_nothing_beyond_streaming(name, device, pair):
     assert get_method(name).memory(*layouts(src, tgt), torch.device(device)) is None
 
 
-def test_matched_estimates_both_models_its_activations_and_its_fits(pair):
+def test_matched_estimates_its_largest_phase(pair):
     """Host, device and disk bytes of ``matched`` on the tiny pair (a ``cuda`` device is only
-    named: nothing is allocated), from what its ``memory`` docstring says it holds."""
-    import crosslora.methods.matched as matched
+    named: nothing is allocated): the largest of its phases, each at least what it must hold
+    (sampling: one model as stored; reading and calibration: a float32 layer; the fits: one
+    layer's activations), never both whole models in float32 at once."""
 
     src, tgt = layouts(*pair[1:])
     method = get_method("matched")
     p = method.params
-    m_s, m_t = memory.parameter_bytes(src.checkpoint), memory.parameter_bytes(tgt.checkpoint)
     a_s = activation_bytes(src, p.n_texts * p.text_tokens)
     a_t = activation_bytes(tgt, p.n_texts * p.text_tokens)
-    fits = matched._fit_bytes(src, tgt)
-    # the logits of 4 texts of up to twice text_tokens tokens, and a copy, in float32
-    logits = 2 * 4 * (4 * 2 * p.text_tokens) * max(src.dims.vocab, tgt.dims.vocab)
-    one_layer = 3 * (max(a_s) + max(a_t))  # a layer's rows, float32 and float64, on each side
-    assert min(m_s, m_t, fits, logits, min(a_s), min(a_t)) > 0
-    runtime = matched.RUNTIME_BYTES
-
+    runtime = RUNTIME_BYTES
     cpu = method.memory(src, tgt, torch.device("cpu"))
     assert isinstance(cpu, MemoryNeed)
-    assert cpu.host == runtime + max(m_s + m_t + logits, one_layer + fits)
-    assert cpu.host >= runtime + m_s + m_t  # both models at once, whatever else
+    stored = max(memory.stored_bytes(src.checkpoint), memory.stored_bytes(tgt.checkpoint))
+    assert cpu.host >= runtime + stored  # one model, as stored, samples the probe text
+    assert cpu.host >= runtime + 3 * (max(a_s) + max(a_t)) + fit_bytes(src, tgt)
     assert cpu.device == 0  # on the CPU everything is in host
     assert cpu.disk == sum(a_s) + sum(a_t)  # every probe activation, parked beside the output
+    phases = dict(x.split(" ", 1) for x in cpu.what.split(": ", 1)[1].split("; ")[0].split(", "))
+    assert set(phases) == {"sampling", "reading", "fits", "calibration"}
     gpu = method.memory(src, tgt, torch.device("cuda"))
     assert isinstance(gpu, MemoryNeed)
-    assert gpu.host == runtime + max(m_s, m_t, one_layer)
-    assert gpu.device == max(m_s + m_t + logits, fits) >= m_s + m_t
-    assert gpu.disk == cpu.disk and gpu.what == cpu.what
+    assert gpu.device == cpu.host - runtime  # the same phases, on the device
+    assert gpu.host >= runtime + stored  # a model loads on the host before it moves
+    assert gpu.disk == cpu.disk
+    assert "(sampling whole)" in cpu.what  # it fits in what this machine has free
+    # no GPU here: what one would have free is unknown, so the least it needs
+    assert "(sampling one layer at a time)" in gpu.what
     assert f"the activations at {p.n_texts * p.text_tokens} probe positions" in cpu.what
     assert cpu.describe().startswith(f"about {memory.gb(cpu.host)} of RAM and ")
     assert f" on the device and {memory.gb(gpu.disk)} of disk" in gpu.describe()
@@ -119,7 +121,7 @@ def test_matched_estimates_both_models_its_activations_and_its_fits(pair):
 def test_the_plan_says_what_matched_needs(pair, tmp_path, capsys):
     assert main([*transfer_argv(*pair, tmp_path / "o", "matched"), "--dry-run"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("memory: ")]
-    assert len(lines) == 1 and "GB of disk beside the output (both models in float32" in lines[0], (
+    assert len(lines) == 1 and "GB of disk beside the output (the largest phase, " in lines[0], (
         lines
     )
     assert main([*transfer_argv(*pair, tmp_path / "o", "crop-pad"), "--dry-run"]) == 0
@@ -130,7 +132,7 @@ def test_a_transfer_that_cannot_fit_is_refused_before_it_starts(pair, tmp_path, 
                                                                 monkeypatch):  # fmt: skip
     monkeypatch.setattr(memory, "available", lambda device: (10**6, None))  # 1 MB free
     loaded = []
-    monkeypatch.setattr("crosslora.methods.matched.load_model", lambda *a: loaded.append(a))
+    monkeypatch.setattr("crosslora.methods.matched.sampling.load_model", lambda *a: loaded.append(a))
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(transfer_argv(*pair, out, "matched")) == 2
@@ -207,6 +209,6 @@ def test_matched_holds_one_layers_fits_within_its_estimate(tiny_model, tiny_adap
     src, tgt = tiny_model("llama-deep"), tiny_model("gemma3_text")
     argv = transfer_argv(tiny_adapter("llama-deep"), src, tgt, tmp_path / "o", None, "-q")
     assert main(argv) == 0  # the default method: matched
-    assert held and max(b for _, b in held) <= matched._fit_bytes(*layouts(src, tgt))
+    assert held and max(b for _, b in held) <= fit_bytes(*layouts(src, tgt))
     assert all(len({t for _, t in scopes}) == 1 for scopes, _ in held)  # one target layer
     assert len({t for scopes, _ in held for _, t in scopes}) > 1  # and several in turn

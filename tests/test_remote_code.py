@@ -233,13 +233,13 @@ def _loaders():
         refuse_remote_code,
         require_tokenizer,
     )
-    from crosslora.methods.matched.probe import load_model
+    from crosslora.methods.matched.stream import load_model
 
     return {
         "load_causal_lm": lambda f: load_causal_lm(f, "model", dtype=torch.float32),
         "load_tokenizer": lambda f: load_tokenizer(f, "model"),
         "refuse_remote_code": lambda f: refuse_remote_code(f, "model"),
-        "probe.load_model": lambda f: load_model(f, torch.device("cpu"), "source model"),
+        "stream.load_model": lambda f: load_model(f, torch.device("cpu"), "source model"),
         "require_tokenizer": lambda f: require_tokenizer(f, "target model"),
         "eval.load_model": lambda f: __import__("crosslora.cli.eval", fromlist=["x"]).load_model(
             str(f), None, torch.device("cpu"), torch.float32, quiet=True
@@ -255,7 +255,7 @@ def test_the_loading_helpers_refuse_without_asking(env, answers_yes, loader, whi
     if loader == "refuse_remote_code" and which == "eviltok":
         load(folder)  # only config.json is read up front; the tokenizer's is refused on loading
         return
-    if loader in ("load_causal_lm", "probe.load_model") and which == "eviltok":
+    if loader in ("load_causal_lm", "stream.load_model") and which == "eviltok":
         model = load(folder)  # a Llama config: transformers' own class, no code of the folder's
         assert type(model).__name__ == "LlamaForCausalLM"
     else:
@@ -347,7 +347,7 @@ def test_every_from_pretrained_in_src_passes_trust_remote_code_false():
     calls = {str(f.relative_to(SRC)): unsafe_calls(f.read_text()) for f in files}
     assert {f: c for f, c in calls.items() if c} == {}
     helpers = pretrained_calls((SRC / "crosslora" / "io" / "pretrained.py").read_text())
-    assert len(helpers) == 3  # the scanner does see the calls (model, tokenizer, PEFT adapter)
+    assert len(helpers) == 4  # the scanner sees the calls (model, config, tokenizer, PEFT adapter)
 
 
 # --- pickles: the same policy as transfer's --allow-pickle ----------------------------------

@@ -33,6 +33,7 @@ from crosslora.io.spool import Spool
 from crosslora.linalg import DEFAULT_FAST, DEFAULT_SVD, all_finite, svd_bases
 from crosslora.lora import LoraFactors, refactor
 from crosslora.methods import Calibration, Method, ModuleContext, Prepared, Unsupported
+from crosslora.pair_cache import PairCache
 from crosslora.plan import TransferPlan
 
 log = logging.getLogger("crosslora")
@@ -42,11 +43,13 @@ CACHE_MIN_ELEMENTS = 1 << 18  # smaller weights (512 x 512) decompose faster tha
 
 @dataclass
 class BasisSettings:
-    """How SVD bases are obtained: the mode, and the cache (None: always computed)."""
+    """How SVD bases are obtained: the mode, and the cache (None: always computed); and where a
+    method's preparation of the pair is kept (None: made each run)."""
 
     svd: str = DEFAULT_SVD
     cache: BasisCache | None = None
     cache_min_elements: int = CACHE_MIN_ELEMENTS
+    pairs: PairCache | None = None
 
 
 def source_factors(inputs: Inputs, task: ModuleTask) -> LoraFactors:
@@ -135,7 +138,7 @@ def _execute(
 ) -> list[list[ModuleResult]]:  # fmt: skip
     """``execute_batch``'s work, with ``scratch`` the method's own spool."""
     first = batch[0]
-    prepared = method.prepare(first.src, first.tgt, device, scratch)
+    prepared = method.prepare(first.src, first.tgt, device, scratch, cache=bases.pairs)
     for plan in plans:
         plan.diagnostics.update(prepared.diagnostics)
     groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}

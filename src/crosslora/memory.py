@@ -50,6 +50,15 @@ def parameter_bytes(checkpoint: Checkpoint, bytes_per_value: int = 4) -> int:
     return bytes_per_value * sum(math.prod(checkpoint.shape(k)) for k in checkpoint.keys())
 
 
+SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
+def stored_bytes(checkpoint: Checkpoint, keys: list[str] | None = None) -> int:
+    """The checkpoint's tensors (or ``keys``) as stored (bfloat16 for most); headers only."""
+    return sum(SAFETENSORS_BYTES.get(checkpoint.dtype(k), 1) * math.prod(checkpoint.shape(k))
+               for k in (checkpoint.keys() if keys is None else keys))  # fmt: skip
+
+
 def available(device: torch.device) -> tuple[int | None, int | None]:
     """``(RAM, device memory)`` free now in bytes; None where it cannot be told.
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from crosslora.arch.layout import Layout
 from crosslora.basis_cache import BasisCache, default_cache_dir
 from crosslora.core import Inputs, ModuleResult
 from crosslora.device import resolve_device
@@ -17,12 +18,14 @@ from crosslora.draws import check_draws, run_draws
 from crosslora.errors import CrossLoraError
 from crosslora.execute import CACHE_MIN_ELEMENTS, BasisSettings, adapted_modules, assemble
 from crosslora.heap import return_large_frees
+from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.output import OutputClaim, check_separate, claim_outputs, output_filesystem
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
 from crosslora.linalg import DEFAULT_SVD, DEFAULT_TRUNCATION_RANK, SVD_MODES
 from crosslora.memory import check_fits
 from crosslora.methods import DEFAULT_METHOD, Method, Params, expectation, get_method
+from crosslora.pair_cache import PairCache, default_pair_dir
 from crosslora.plan import TransferPlan, plan_transfer, resolve
 from crosslora.report import build_report, model_card
 
@@ -121,6 +124,21 @@ def plan_transfers(
     return batch, plans
 
 
+def prepare_pair(source_model: str, target_model: str, options: TransferOptions) -> dict:
+    """Make the method's preparation of this pair and keep it in the pair cache (``--cache``), so
+    that every later transfer between them, here or on a Ray worker, reads it; nothing is
+    written elsewhere. Returns the cache's counts (``made``: 1 if made here, 0 if found)."""
+    method, device = check_options(options)
+    if not options.cache:
+        raise CrossLoraError("preparing a pair ahead needs the cache (it is where it is kept)")
+    src = Layout(Checkpoint(source_model, "source model"), "source model")
+    tgt = Layout(Checkpoint(target_model, "target model"), "target model")
+    pairs = PairCache(pair_dir(options))
+    with Spool() as scratch:
+        method.prepare(src, tgt, device, scratch, cache=pairs)
+    return pairs.stats()
+
+
 def run_transfers(
     adapters: list[str],
     source_model: str,
@@ -161,7 +179,13 @@ def _input_paths(
     paths += [("source model", str(source_model)), ("target model", str(target_model))]
     if options.cache:
         paths.append(("basis cache", str(options.cache_dir or default_cache_dir())))
+        paths.append(("pair cache", str(pair_dir(options))))
     return paths
+
+
+def pair_dir(options: TransferOptions) -> Path:
+    """``<--cache-dir>/pairs``, else ``$CROSSLORA_HOME/pairs`` (``~/.cache/crosslora/pairs``)."""
+    return Path(options.cache_dir) / "pairs" if options.cache_dir else default_pair_dir()
 
 
 def basis_cache(options: TransferOptions) -> BasisCache | None:
@@ -184,13 +208,16 @@ def run_plans(
         check_fits(plans[0].memory, device, plans[0].method, output_filesystem(outs[0]))
     return_large_frees()  # peak memory flat in the number of layers (glibc heap fragmentation)
     cache = basis_cache(options)
-    bases = BasisSettings(options.svd, cache, options.cache_min_elements)
+    pairs = PairCache(pair_dir(options)) if options.cache else None
+    bases = BasisSettings(options.svd, cache, options.cache_min_elements, pairs)
     # finished factors wait on disk, in the output's filesystem, not in memory
     with Spool(output_filesystem(outs[0]), str(outs[0])) as spool:
         per_adapter = run_draws(method, options.draws, batch, plans, device, progress, bases,
                                 spool)  # fmt: skip
         seconds = time.perf_counter() - start
         extra = {"basis_cache": cache.stats()} if cache is not None else {}  # the invocation's
+        if pairs is not None:
+            extra["pair_cache"] = pairs.stats()
         for results, _, _ in per_adapter:  # refuse before writing anything
             if not any(r.skipped is None for r in results):
                 first = next((r for r in results if r.skipped), None)

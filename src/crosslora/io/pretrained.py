@@ -34,6 +34,18 @@ def load_causal_lm(folder: str | os.PathLike[str], what: str = "model", **kwargs
         raise
 
 
+def load_config(folder: str | os.PathLike[str], what: str = "model", **kwargs: Any):
+    """``AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)``."""
+    from transformers import AutoConfig
+
+    refuse_remote_code(folder, what)
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
+    except ValueError as err:
+        _reraise_remote_code(err, folder, what)
+        raise
+
+
 def load_tokenizer(folder: str | os.PathLike[str], what: str = "model", **kwargs: Any):
     """``AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)``."""
     from transformers import AutoTokenizer

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,19 @@ class Spool:
         except OSError as err:
             raise self._error(err) from err
         self._end = 0
+
+    @classmethod
+    def at(cls, path: Path, write: bool) -> Spool:
+        """A spool in the named file ``path``: a new one to write, or one written before to
+        read (its tensors found again through the ``Parked`` its writer kept)."""
+        spool = cls.__new__(cls)
+        spool.folder, spool.label = path.parent, str(path)
+        try:
+            spool._file = open(path, "x+b" if write else "rb")  # noqa: SIM115 (closed by close)
+        except OSError as err:
+            raise spool._error(err) from err
+        spool._end = 0 if write else path.stat().st_size
+        return spool
 
     def _error(self, err: OSError) -> CrossLoraError:
         return CrossLoraError(f"cannot write {self.label}: {err.strerror or err}")

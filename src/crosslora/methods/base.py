@@ -25,6 +25,7 @@ from crosslora.io.spool import Spool
 from crosslora.linalg import DEFAULT_SVD, svd_bases
 from crosslora.lora import LoraFactors
 from crosslora.memory import MemoryNeed
+from crosslora.pair_cache import PairCache
 
 Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -152,10 +153,12 @@ class Method:
         return None
 
     def prepare(
-        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
-    ) -> Prepared:
+        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None,
+        cache: PairCache | None = None,
+    ) -> Prepared:  # fmt: skip
         """Work shared by all modules (and adapters), before the first one; large intermediates
-        may be parked in ``spool`` (on the output's disk, gone when it closes)."""
+        may be parked in ``spool`` (on the output's disk, gone when it closes), and what a
+        later run between the same models can reuse kept in ``cache``."""
         return Prepared()
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:

@@ -85,8 +85,9 @@ class Anchored(Method):
     params: AnchoredParams
 
     def prepare(
-        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
-    ) -> AnchoredPair:
+        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None,
+        cache: object = None,
+    ) -> AnchoredPair:  # fmt: skip
         vocab = shared_vocab(
             require_tokenizer(src.checkpoint.path, "source model"),
             require_tokenizer(tgt.checkpoint.path, "target model"),

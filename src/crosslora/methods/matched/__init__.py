@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
@@ -32,11 +31,11 @@ from crosslora.methods.base import (
     Method,
     MethodOutput,
     ModuleContext,
-    Params,
     Prepared,
     register,
 )
 from crosslora.methods.matched import calibrate as cal
+from crosslora.methods.matched import entry
 from crosslora.methods.matched.fits import (
     Probe,
     Ridge,
@@ -47,6 +46,7 @@ from crosslora.methods.matched.fits import (
     procrustes,
     rel,
 )
+from crosslora.methods.matched.params import MatchedParams
 from crosslora.methods.matched.probe import (
     INPUT_SPACE,
     Activations,
@@ -54,29 +54,17 @@ from crosslora.methods.matched.probe import (
     activation_bytes,
     align,
     collect,
-    input_widths,
-    load_model,
-    readable,
-    sample_texts,
     special_id,
 )
+from crosslora.methods.matched.sampling import probe_texts, samples_whole, sampling_bytes
+from crosslora.methods.matched.sizes import RUNTIME_BYTES, fit_bytes, shares
+from crosslora.methods.matched.stream import Streamed, runner
+from crosslora.pair_cache import PairCache
 
 log = logging.getLogger("crosslora")
 
-RUNTIME_BYTES = 1 << 30  # torch, the tokenizers, the forward passes: what `memory` does not count
 POST_NORM = {"o": "post_attn_norm", "down": "post_mlp_norm"}  # family fields (Gemma 2/3)
 SAMPLED_PER_KEPT = 1.3  # probe texts sampled per text kept, on average (the plan's time estimate)
-
-
-@dataclass(frozen=True)
-class MatchedParams(Params):
-    alpha: float = 1e-2  # ridge, relative to the mean eigenvalue of the Gram matrix
-    n_texts: int = 64  # probe texts, half sampled from each model
-    calibration_texts: int = 32  # of which the calibration reads (about 2,700 chunks)
-    text_tokens: int = 96  # new tokens per probe text
-    seed: int = 0
-    draw_stride: int = 100  # draw i samples its probe text with seed seed + draw_stride · i
-    min_positions: int = 256  # aligned positions needed to fit the maps
 
 
 @dataclass
@@ -86,11 +74,11 @@ class MatchedPair(Prepared):
 
     acts_s: Activations | None = None
     acts_t: Activations | None = None
-    paths: tuple[Path, Path] | None = None
+    layouts: tuple[Layout, Layout] | None = None
     pads: tuple[int, int] = (0, 0)
     batches: tuple[ProbeBatch, ProbeBatch] | None = None
     device: torch.device = torch.device("cpu")
-    models: tuple | None = None  # reloaded for the calibration, once the activations are freed
+    runners: tuple[Streamed, Streamed] | None = None  # the calibration's, kept for the next adapter
     base_ll: tuple[torch.Tensor, torch.Tensor] | None = None  # the bases' chunk log-likelihoods
     fits: dict[tuple, tuple[int | None, int, object]] = field(default_factory=dict)
 
@@ -110,28 +98,42 @@ class Matched(Method):
         return Matched(replace(p, seed=p.seed + p.draw_stride * draw)) if draw else self
 
     def memory(self, src: Layout, tgt: Layout, device: torch.device) -> MemoryNeed:
-        """Both models in float32 while the probe text is sampled and read and while the
-        calibration scores it (with the logits of 4 texts of up to twice ``text_tokens`` tokens,
-        and a copy); the activations at its positions (at most about ``n_texts × text_tokens``)
-        parked on disk beside the output (``prepare``), of which one module's are read back at a
-        time, with their float64 copies and one layer's fits. On a GPU the models, the logits
-        and the fits live there. SmolLM2 → Qwen2.5: 5.1 GB estimated, 4.85 GB peak RSS."""
+        """The largest of the phases, each holding one model's share at a time
+        (docs/methods.md, "Memory"): sampling the probe text with one model as stored
+        (bfloat16 for most) and its key/value cache, whole where it fits in what is free, else
+        one layer at a time (``sampling.sampler``); reading it one decoder layer at a time in
+        float32 (the model without its layers, one layer, every text's hidden states); the fits,
+        one layer's activations at the aligned positions (float32 and float64) and their Gram
+        factors; the calibration, both models without their layers, one layer, the hidden states
+        of up to 9 variants of the calibration texts, and 4 texts' logits. The activations wait
+        on disk beside the output. On a GPU all of it is there, and the host holds what loads
+        (a model as stored, or a layer) or a layer's activations."""
         p = self.params
-        m_s, m_t = parameter_bytes(src.checkpoint), parameter_bytes(tgt.checkpoint)
+        tokens = 2 * p.text_tokens  # a probe text's tokens, at most, on either side
+        sides = [shares(x, p) for x in (src, tgt)]
+        whole = [samples_whole(x, device, p) for x in (src, tgt)]
+        generate = max(sampling_bytes(s, w) for s, w in zip(sides, whole))
+        read = max(s["outside"] + 2 * s["layer"] + p.n_texts * tokens * s["width"] * 8
+                   for s in sides)  # fmt: skip
+        logits = 2 * 4 * (4 * tokens) * max(src.dims.vocab, tgt.dims.vocab)
+        calibrate = sum(s["outside"] for s in sides) + max(
+            2 * s["layer"] + 9 * p.calibration_texts * tokens * s["width"] * 4 for s in sides
+        ) + logits  # fmt: skip
         positions = p.n_texts * p.text_tokens
         a_s, a_t = activation_bytes(src, positions), activation_bytes(tgt, positions)
-        fits = _fit_bytes(src, tgt)
-        logits = 2 * 4 * (4 * 2 * p.text_tokens) * max(src.dims.vocab, tgt.dims.vocab)
-        module = 3 * (max(a_s) + max(a_t))  # a layer's rows, float32 and float64, on each side
+        fits = 3 * (max(a_s) + max(a_t)) + fit_bytes(src, tgt)
+        phases = {"sampling": generate, "reading": read, "fits": fits, "calibration": calibrate}
+        largest = max(phases, key=phases.__getitem__)
+        how = "whole" if all(whole) else "one layer at a time" if not any(whole) else "mixed"
+        what = (f"the largest phase, {largest}: " + ", ".join(
+            f"{k} {gb(v)}" for k, v in phases.items()) + f" (sampling {how}); the activations at "
+            f"{positions} probe positions, {gb(sum(a_s) + sum(a_t))}, wait on disk")  # fmt: skip
         disk = sum(a_s) + sum(a_t)
-        what = (f"both models in float32, {gb(m_s + m_t)}, with logits, {gb(logits)}, or one "
-                f"layer's activations and fits, {gb(module + fits)}; the activations at "
-                f"{positions} probe positions, {gb(disk)}, wait on disk")  # fmt: skip
         if device.type == "cpu":
-            peak = max(m_s + m_t + logits, module + fits)
-            return MemoryNeed(peak + RUNTIME_BYTES, 0, what, disk)
-        device_peak = max(m_s + m_t + logits, fits)
-        return MemoryNeed(max(m_s, m_t, module) + RUNTIME_BYTES, device_peak, what, disk)
+            return MemoryNeed(phases[largest] + RUNTIME_BYTES, 0, what, disk)
+        loads = max(s["stored"] if w else s["outside"] + s["layer"] for s, w in zip(sides, whole))
+        host = max(loads, 3 * (max(a_s) + max(a_t)))
+        return MemoryNeed(host + RUNTIME_BYTES, phases[largest], what, disk)
 
     def flops(
         self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
@@ -151,35 +153,77 @@ class Matched(Method):
         return sample + read + calibrate + fits
 
     def prepare(
-        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None
-    ) -> MatchedPair:
+        self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None,
+        cache: PairCache | None = None,
+    ) -> MatchedPair:  # fmt: skip
+        """The probe text, its activations and the bases' log-likelihoods of the calibration
+        texts: read from ``cache`` when it holds this pair's, else made (and kept there)."""
         p = self.params
         tok_s = require_tokenizer(src.checkpoint.path, "source model")
         tok_t = require_tokenizer(tgt.checkpoint.path, "target model")
-        model_s = load_model(src.checkpoint.path, device, "source model")
-        model_t = load_model(tgt.checkpoint.path, device, "target model")
-        texts = probe_texts(model_s, tok_s, model_t, tok_t, p.n_texts, p.seed, p.text_tokens,
-                            bars=log.isEnabledFor(logging.INFO))  # fmt: skip
-        batch_s, batch_t = align(texts, tok_s, tok_t)
-        n = sum(len(pos) for pos in batch_s.positions)
-        if n < p.min_positions:
-            raise CrossLoraError(
-                f"only {n} positions of the probe text align between the two tokenizers "
-                f"(need {p.min_positions}); the matched method cannot fit its maps"
-            )
         pads = (special_id(tok_s, "pad", "eos", "bos") or 0,
                 special_id(tok_t, "pad", "eos", "bos") or 0)  # fmt: skip
-        acts_s = collect(model_s, src, batch_s, pads[0], spool=spool)
-        del model_s
-        acts_t = collect(model_t, tgt, batch_t, pads[1], spool=spool)
-        del model_t
-        keep = slice(None, None, p.n_texts // p.calibration_texts)  # half from each model
-        batches = tuple(ProbeBatch(b.ids[keep], b.positions[keep]) for b in (batch_s, batch_t))
-        diagnostics = {"probe_seed": p.seed, "probe_texts": len(texts), "probe_positions": n,
+        probe = {k: getattr(p, k) for k in ("n_texts", "calibration_texts", "text_tokens", "seed")}
+        key = entry.pair_key(src, tgt, probe, device)
+        found = cache.find(key) if cache is not None else None
+        made = found is None
+        if found is None:
+            texts = probe_texts(src, tok_s, tgt, tok_t, device, p,
+                                bars=log.isEnabledFor(logging.INFO))  # fmt: skip
+            batches = self._aligned(texts, tok_s, tok_t)
+            if cache is None:
+                acts, base_ll = self._read_probe(src, tgt, batches, pads, device, spool)
+            else:
+                with cache.writing(key) as folder:
+                    with Spool.at(folder / entry.ACTIVATIONS, write=True) as into:
+                        acts, base_ll = self._read_probe(src, tgt, batches, pads, device, into)
+                    entry.write(folder, texts, acts, base_ll)
+                found = cache.find(key, count=False)
+        if found is not None:  # read back (a second run reads only this)
+            kept = entry.read(found)
+            texts, acts, base_ll = kept.texts, kept.acts, kept.base_ll
+            batches = self._aligned(texts, tok_s, tok_t)
+        batch_s, batch_t = batches
+        diagnostics = {"probe_seed": p.seed, "probe_texts": len(texts),
+                       "probe_positions": sum(len(pos) for pos in batch_s.positions),
                        "probe_tokens_source": sum(len(i) for i in batch_s.ids),
-                       "probe_tokens_target": sum(len(i) for i in batch_t.ids)}  # fmt: skip
-        return MatchedPair(diagnostics, acts_s, acts_t, (src.checkpoint.path, tgt.checkpoint.path),
-                           pads, batches, device)  # fmt: skip
+                       "probe_tokens_target": sum(len(i) for i in batch_t.ids),
+                       "pair_prepared": "here" if made else "read from the pair cache"}  # fmt: skip
+        pair = MatchedPair(diagnostics, *acts, (src, tgt), pads, self._calibration(batches),
+                           device)  # fmt: skip
+        pair.base_ll = base_ll
+        return pair
+
+    def _aligned(self, texts: list[str], tok_s, tok_t) -> tuple[ProbeBatch, ProbeBatch]:
+        batch_s, batch_t = align(texts, tok_s, tok_t)
+        n = sum(len(pos) for pos in batch_s.positions)
+        if n < self.params.min_positions:
+            raise CrossLoraError(
+                f"only {n} positions of the probe text align between the two tokenizers "
+                f"(need {self.params.min_positions}); the matched method cannot fit its maps"
+            )
+        return batch_s, batch_t
+
+    def _calibration(self, batches) -> tuple[ProbeBatch, ProbeBatch]:
+        """The calibration's texts: every k-th, half from each model."""
+        keep = slice(None, None, self.params.n_texts // self.params.calibration_texts)
+        return tuple(ProbeBatch(b.ids[keep], b.positions[keep]) for b in batches)  # type: ignore
+
+    def _read_probe(self, src: Layout, tgt: Layout, batches, pads, device: torch.device,
+                    spool: Spool | None):  # fmt: skip
+        """Both models over the probe text, one layer at a time: the activations at the aligned
+        positions (parked in ``spool``), and the bases' log-likelihoods of the calibration
+        texts."""
+        acts, base_ll = [], []
+        for layout, batch, cal_batch, pad, what in zip(
+            (src, tgt), batches, self._calibration(batches), pads, ("source", "target")
+        ):
+            run = runner(layout, device, f"{what} model")
+            acts.append(collect(run, layout, batch, pad, spool=spool))
+            (ll,) = cal.chunk_logliks(run, cal_batch, pad, [[]])
+            base_ll.append(ll)
+            del run
+        return tuple(acts), tuple(base_ll)
 
     def calibrate(
         self, inputs: Inputs, results: list[ModuleResult], pair: MatchedPair
@@ -191,50 +235,48 @@ class Matched(Method):
 
         pair.acts_s = pair.acts_t = None  # the maps are done: free the activations
         pair.fits = {}
-        assert pair.paths and pair.batches
-        if pair.models is None:
-            pair.models = (load_model(pair.paths[0], pair.device, "source model"),
-                           load_model(pair.paths[1], pair.device, "target model"))  # fmt: skip
-        model_s, model_t = pair.models
+        assert pair.layouts and pair.batches
+        if pair.runners is None:
+            pair.runners = (runner(pair.layouts[0], pair.device, "source model"),
+                            runner(pair.layouts[1], pair.device, "target model"))  # fmt: skip
+        run_s, run_t = pair.runners
         (batch_s, batch_t), (pad_s, pad_t) = pair.batches, pair.pads
         done = [r for r in results if r.skipped is None]
         roles = sorted({r.task.tgt.role for r in done}, key=ROLES.index)
-        fresh = pair.base_ll is None
-        bar = tqdm(total=2 * fresh + 4 + len(roles), desc="calibrate (matched)", unit="pass",
+        # one sweep of the source's layers, and three of the target's: its variants, its least
+        # squares, its last
+        bar = tqdm(total=run_s.n + 3 * run_t.n, desc="calibrate (matched)", unit="layer",
                    disable=not log.isEnabledFor(logging.INFO))  # fmt: skip
 
-        def ll(model, batch, pad, updates=()):
-            with cal.applied(model, updates):
-                out = cal.chunk_loglik(model, batch, pad)
-            bar.update()
-            return out
+        def ll(run, batch, pad, *variants):
+            return cal.chunk_logliks(run, batch, pad, variants, bar=bar)
 
         with bar:
-            if fresh:
-                pair.base_ll = (ll(model_s, batch_s, pad_s), ll(model_t, batch_t, pad_t))
-            base_s, base_t = pair.base_ll
-            d_s = ll(model_s, batch_s, pad_s, _source_updates(inputs, results)) - base_s
             role_of = [r.task.tgt.role for r in done]
             updates = [_target_update(r) for r in done]
-            full = ll(model_t, batch_t, pad_t, updates) - base_t
-            slopes = torch.stack([  # each role's part: the effect lost when it alone is left out
-                full - (ll(model_t, batch_t, pad_t,
-                           [u for u, ro in zip(updates, role_of) if ro != role]) - base_t)
-                for role in roles
-            ])  # fmt: skip
+            without = [[u for u, ro in zip(updates, role_of) if ro != role] for role in roles]
+            assert pair.base_ll is not None
+            base_s, base_t = pair.base_ll
+            (d_s,) = ll(run_s, batch_s, pad_s, _source_updates(inputs, results))
+            full, *rest = ll(run_t, batch_t, pad_t, updates, *without)
+            d_s, full = d_s - base_s, full - base_t
+            # each role's part: the effect lost when it alone is left out
+            slopes = torch.stack([full - (r - base_t) for r in rest])
             scales = cal.fit_scales(d_s, full, slopes)
             stages = [[float(scales[roles.index(ro)])] for ro in role_of]
             _rescale(updates, [c for (c,) in stages])
-            after = ll(model_t, batch_t, pad_t, updates) - base_t
+            (after,) = ll(run_t, batch_t, pad_t, updates)
+            after = after - base_t
             least_squares = cal.agreement(d_s, after)
             size = cal.disattenuation(least_squares["corr"])
             if size != 1.0:  # else the least-squares effect is the final one
                 _rescale(updates, [size] * len(done))
                 for stage in stages:
                     stage.append(size)
-                after = ll(model_t, batch_t, pad_t, updates) - base_t
+                (after,) = ll(run_t, batch_t, pad_t, updates)
+                after = after - base_t
             else:
-                bar.update()
+                bar.update(run_t.n)
         scales = scales * size
         eff = cal.agreement(d_s, after)
         log.info(
@@ -329,37 +371,6 @@ def _write_coords(pair: MatchedPair, acts: Activations, layout: Layout, layer: i
     if g is None:
         return h
     return h.double() * (safe_inverse(g).to(pair.device).double() * median_rms(p.y))
-
-
-def _fit_bytes(src: Layout, tgt: Layout) -> int:
-    """The float64 fits ``_fit`` holds for one layer at most: the target's ridge factors for every
-    input space it reads, the source's for its MLP neurons, and the writers' two maps."""
-
-    def squares(layout: Layout, spaces: set[str]) -> int:
-        per_layer = [0] * layout.num_layers
-        for (layer, space), n in input_widths(layout).items():
-            per_layer[layer] += n * n if space in spaces else 0
-        return max(per_layer, default=0)
-
-    maps = 2 * src.dims.hidden * tgt.dims.hidden
-    return 8 * (squares(tgt, set(INPUT_SPACE.values())) + squares(src, {"mlp_mid"}) + maps)
-
-
-def probe_texts(model_s, tok_s, model_t, tok_t, n: int, seed: int, tokens: int,
-                bars: bool = False) -> list[str]:  # fmt: skip
-    """``n`` probe texts: the first half sampled from the source model (``seed``), the rest from
-    the target (``seed + 1``), ``tokens`` new tokens each, each one both models can read
-    (``probe.readable``; fewer when a model's samples rarely are); progress bars when
-    ``bars``."""
-    half = n // 2
-    desc_s, desc_t = ("probe text (source)", "probe text (target)") if bars else (None, None)
-
-    def keep(text: str) -> bool:
-        return readable(text, tok_s, tok_t)
-
-    return sample_texts(model_s, tok_s, half, tokens, seed, desc=desc_s, keep=keep) + (
-        sample_texts(model_t, tok_t, n - half, tokens, seed + 1, desc=desc_t, keep=keep)
-    )
 
 
 def _rescale(updates: list[cal.Update], factors: list[float]) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from crosslora.methods.matched.probe import ProbeBatch, right_padded
+from crosslora.methods.matched.stream import Streamed, run_layers
 
 
 @dataclass
@@ -67,24 +68,40 @@ def applied(model, updates: Sequence[Update], scale: float = 1.0) -> Iterator[No
             h.remove()
 
 
-@torch.no_grad()
-def chunk_loglik(model, batch: ProbeBatch, pad_id: int, chunk: int = 4) -> torch.Tensor:
-    """The log-likelihood, under ``model``, of every chunk of the probe text between consecutive
-    aligned positions, (C,) float64, in text order."""
-    device = next(model.parameters()).device
+def chunk_logliks(
+    run: Streamed, batch: ProbeBatch, pad_id: int, variants: Sequence[Sequence[Update]],
+    chunk: int = 4, bar=None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """The log-likelihood of every chunk of the probe text between consecutive aligned positions,
+    (C,) float64 in text order, under the model (``run``, one layer at a time) with each
+    variant's updates applied: one sweep through the layers for all variants (``bar``, a tqdm
+    bar, advanced per layer)."""
+    chunks = [right_padded(batch.ids[lo : lo + chunk], pad_id)
+              for lo in range(0, len(batch.ids), chunk)]  # fmt: skip
+    prefix = run.layout.family.layers
+    per_layer = [[[u for u in updates if u.module.startswith(f"{prefix}.{i}.")]
+                  for i in range(run.n)] for updates in variants]  # fmt: skip
+
+    def around(i: int, v: int, _c: int):
+        return applied(run.skeleton, per_layer[v][i]) if per_layer[v][i] else None
+
+    states = run_layers(run, chunks, len(variants), around, bar=bar)
     out = []
-    for lo in range(0, len(batch.ids), chunk):
-        ids, mask = right_padded(batch.ids[lo : lo + chunk], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        # tok[j, i] = log p(ids[j, i + 1] | ids[j, :i + 1])
-        tok = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)
-        del logits
-        cum = torch.cat([tok.new_zeros(len(ids), 1), tok.double().cumsum(1)], dim=1).cpu()
-        for j, pos in enumerate(batch.positions[lo : lo + chunk]):
-            p = torch.tensor(pos, dtype=torch.long)
-            out.append(cum[j, p[1:]] - cum[j, p[:-1]])  # tokens p_k + 1 .. p_{k+1}
-    return torch.cat(out)
+    for last in states:
+        lls = []
+        for c, (ids, mask) in enumerate(chunks):
+            logits = run.logits(ids, mask, last[c]).float()
+            last[c] = None  # freed as it goes
+            ids = ids.to(logits.device)
+            # tok[j, i] = log p(ids[j, i + 1] | ids[j, :i + 1])
+            tok = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)
+            del logits
+            cum = torch.cat([tok.new_zeros(len(ids), 1), tok.double().cumsum(1)], dim=1).cpu()
+            for j, pos in enumerate(batch.positions[c * chunk : (c + 1) * chunk]):
+                p = torch.tensor(pos, dtype=torch.long)
+                lls.append(cum[j, p[1:]] - cum[j, p[:-1]])  # tokens p_k + 1 .. p_{k+1}
+        out.append(torch.cat(lls))
+    return out
 
 
 def nonnegative_lstsq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,11 @@ models generate themselves.
    the text in both models, so their hidden states there describe the same thing. The first
    ``SKIP_TOKENS`` tokens of each text are left out (attention-sink positions carry outsized
    activations in many models and say little about the rest).
-3. **Activations.** One forward pass per model over all texts; forward pre-hooks keep, at the
-   aligned positions only, the input of every adapted module (one copy per input space: the
-   attention input q/k/v read, the MLP input gate/up read, the attention output o reads, the MLP
-   intermediate down reads) and the residual stream entering each layer.
+3. **Activations.** One forward pass per model over all texts, one decoder layer at a time
+   (``stream``); forward pre-hooks keep, at the aligned positions only, the input of every
+   adapted module (one copy per input space: the attention input q/k/v read, the MLP input
+   gate/up read, the attention output o reads, the MLP intermediate down reads) and the
+   residual stream entering each layer.
 
 Shapes: ``inputs[(layer, space)]`` is (N, n_in) and ``residual[layer]`` is (N, d) in float32, N the
 number of aligned positions, the same rows in the same order for both models.
@@ -27,14 +28,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from crosslora.arch.layout import Layout
 from crosslora.errors import CrossLoraError
 from crosslora.io.spool import Parked, Spool
+from crosslora.methods.matched.stream import Streamed, run_layers
 
 log = logging.getLogger("crosslora")
 
@@ -99,6 +101,20 @@ class Spilled(Kept):
         self._last = (key, out)
         return out
 
+    def index(self) -> list:
+        """Where each key's rows lie in the spool, as JSON (``restore`` reads it back)."""
+        return [[list(k) if isinstance(k, tuple) else k,
+                 [[p.offset, list(p.shape), str(p.dtype).removeprefix("torch.")] for p in parts]]
+                for k, parts in self._parts.items()]  # fmt: skip
+
+    @classmethod
+    def restore(cls, spool: Spool, index: list) -> Spilled:
+        out = cls(spool)
+        for key, parts in index:
+            k = tuple(key) if isinstance(key, list) else key
+            out._parts[k] = [Parked(o, tuple(shape), getattr(torch, dt)) for o, shape, dt in parts]
+        return out
+
 
 @dataclass
 class Activations:
@@ -107,20 +123,6 @@ class Activations:
 
     inputs: Kept = field(default_factory=Kept)
     residual: Kept = field(default_factory=Kept)
-
-
-def load_model(path: Path, device: torch.device, what: str):
-    from crosslora.io.pretrained import load_causal_lm
-
-    try:  # never code from the model's folder: trust_remote_code=False
-        model = load_causal_lm(path, what, dtype=torch.float32)
-    except CrossLoraError:
-        raise
-    except Exception as err:
-        raise CrossLoraError(
-            f"{what}: transformers cannot load {path} ({type(err).__name__}: {err})"
-        ) from err
-    return model.to(device).eval()
 
 
 def special_id(tokenizer, *names: str) -> int | None:
@@ -253,49 +255,57 @@ def activation_bytes(layout: Layout, positions: int) -> list[int]:
     return [4 * positions * n for n in per_layer]
 
 
-@torch.no_grad()
+@contextmanager
+def _recording(model, targets: dict[str, tuple[Kept, object]], rows) -> Iterator[None]:
+    """Forward pre-hooks on ``model``'s modules ``targets`` (path -> (store, key)) adding their
+    input's rows ``rows`` (sequence indices, positions) to the store under the key."""
+
+    def hook_for(store: Kept, key):
+        def hook(_module, args, kwargs=None):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+            store.add(key, x[rows].float().cpu())
+
+        return hook
+
+    handles = []
+    try:
+        for path, (store, key) in targets.items():
+            try:
+                sub = model.get_submodule(path)
+            except AttributeError as err:
+                raise CrossLoraError(f"the loaded model has no module {path}") from err
+            handles.append(sub.register_forward_pre_hook(hook_for(store, key), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect(
-    model,
+    run: Streamed,
     layout: Layout,
     batch: ProbeBatch,
     pad_id: int,
     chunk: int = 8,
     spool: Spool | None = None,
 ) -> Activations:
-    """Run ``model`` over ``batch`` and keep the activations at its aligned positions: parked in
-    ``spool`` as they come when one is given (``Spilled``), else in memory."""
-    device = next(model.parameters()).device
+    """Run the model (``run``, one layer at a time) over ``batch`` and keep the activations at
+    its aligned positions: parked in ``spool`` as they come when one is given (``Spilled``),
+    else in memory."""
     acts = Activations(Spilled(spool), Spilled(spool)) if spool is not None else Activations()
-    rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chunk: (sequence index, position)
-
-    def hook_for(store: Kept, key):
-        def hook(_module, args, kwargs=None):
-            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
-            b, p = rows[-1]
-            store.add(key, x[b, p].float().cpu())
-
-        return hook
-
-    handles = []
+    chunks, rows = [], []
+    for lo in range(0, len(batch.ids), chunk):
+        chunks.append(right_padded(batch.ids[lo : lo + chunk], pad_id))
+        pos = batch.positions[lo : lo + chunk]
+        b = torch.tensor([j for j, p in enumerate(pos) for _ in p], dtype=torch.long)
+        p = torch.tensor([x for q in pos for x in q], dtype=torch.long)
+        rows.append((b.to(run.device), p.to(run.device)))
+    targets: list[dict[str, tuple[Kept, object]]] = [
+        {f"{layout.family.layers}.{i}": (acts.residual, i)} for i in range(layout.num_layers)
+    ]
     for module, key in _input_modules(layout).items():
-        try:
-            sub = model.get_submodule(module)
-        except AttributeError as err:
-            raise CrossLoraError(f"{layout.what}: the loaded model has no module {module}") from err
-        handles.append(sub.register_forward_pre_hook(hook_for(acts.inputs, key), with_kwargs=True))
-    for i, layer in enumerate(model.get_submodule(layout.family.layers)):
-        hook = hook_for(acts.residual, i)
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    body = model.base_model  # the transformer without its LM head: no logits needed here
-    try:
-        for lo in range(0, len(batch.ids), chunk):
-            ids, mask = right_padded(batch.ids[lo : lo + chunk], pad_id)
-            pos = batch.positions[lo : lo + chunk]
-            b = torch.tensor([j for j, p in enumerate(pos) for _ in p], dtype=torch.long)
-            p = torch.tensor([x for q in pos for x in q], dtype=torch.long)
-            rows.append((b.to(device), p.to(device)))
-            body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+        targets[key[0]][module] = (acts.inputs, key)
+    bar = f"probe activations ({run.what})" if log.isEnabledFor(logging.INFO) else None
+    run_layers(run, chunks, around=lambda i, _v, c: _recording(run.skeleton, targets[i], rows[c]),
+               desc=bar)  # fmt: skip
     return acts

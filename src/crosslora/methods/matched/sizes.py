@@ -1,0 +1,50 @@
+"""What ``matched`` holds, in bytes, for the plan's estimate (``Matched.memory``) and for choosing
+how the probe text is sampled (``sampling.sampler``)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from crosslora.arch.layout import Layout
+from crosslora.memory import parameter_bytes, stored_bytes
+from crosslora.methods.matched.params import MatchedParams
+from crosslora.methods.matched.probe import INPUT_SPACE, input_widths
+
+RUNTIME_BYTES = 1 << 30  # torch, the tokenizers, the forward passes: what `memory` does not count
+
+
+def shares(layout: Layout, p: MatchedParams) -> dict[str, int]:
+    """A model's parts in bytes: as stored; its largest decoder layer, and everything outside its
+    layers, in float32; the key/value cache of sampling 16 texts, as stored; and the float32
+    bytes per position of a layer's hidden state and widest intermediate (``width``)."""
+    ckpt = layout.checkpoint
+    leaf = re.escape(layout.family.layers.split(".")[-1])
+    pattern = re.compile(rf"(?:^|\.){leaf}\.(\d+)\.")
+    per_layer: dict[int, int] = {}
+    for key in ckpt.keys():
+        m = pattern.search(key)
+        if m:
+            i = int(m.group(1))
+            per_layer[i] = per_layer.get(i, 0) + 4 * math.prod(ckpt.shape(key))
+    stored, f32 = stored_bytes(ckpt), parameter_bytes(ckpt)
+    d = layout.dims
+    per_value = stored / max(1, f32 // 4)  # bytes per value as stored
+    kv = int(16 * (p.text_tokens + 1) * d.layers * 2 * d.kv_heads * d.head_dim * per_value)
+    return {"stored": stored, "layer": max(per_layer.values(), default=0),
+            "layers": sum(per_layer.values()), "outside": f32 - sum(per_layer.values()), "kv": kv,
+            "width": d.hidden + max(d.hidden, d.intermediate)}  # fmt: skip
+
+
+def fit_bytes(src: Layout, tgt: Layout) -> int:
+    """The float64 fits ``_fit`` holds for one layer at most: the target's ridge factors for every
+    input space it reads, the source's for its MLP neurons, and the writers' two maps."""
+
+    def squares(layout: Layout, spaces: set[str]) -> int:
+        per_layer = [0] * layout.num_layers
+        for (layer, space), n in input_widths(layout).items():
+            per_layer[layer] += n * n if space in spaces else 0
+        return max(per_layer, default=0)
+
+    maps = 2 * src.dims.hidden * tgt.dims.hidden
+    return 8 * (squares(tgt, set(INPUT_SPACE.values())) + squares(src, {"mlp_mid"}) + maps)
