@@ -31,6 +31,8 @@ EXAMPLES = (
     "--target-model google/gemma-3-270m --out-path out/my-adapter-gemma",
     "crosslora transfer --adapter adapters/ --source-model S --target-model T --out-path out/ "
     "--dry-run   # several adapters: the plan only",
+    "crosslora transfer --adapter adapters/ --source-model S --target-model T --out-path out/ "
+    "--ray local   # one Ray task per adapter (--ray HOST:PORT for a cluster)",
 )
 
 
@@ -102,6 +104,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the base model the written adapter names (default: the target's hub id where "
         "known, else its folder's name)",
     )  # fmt: skip
+    p.add_argument(
+        "--ray", metavar="ADDRESS",
+        help="spread the adapters over the Ray cluster at ADDRESS (host:port of its head, or "
+        "auto), one task each asking for --threads CPUs or one GPU; 'local' starts a cluster on "
+        "this machine for the run. Inputs and outputs must be on a filesystem every node sees "
+        "(needs crosslora[ray])",
+    )  # fmt: skip
     add_threads(p)
     add_verbosity(p)
     p.set_defaults(func=run)
@@ -132,8 +141,14 @@ def run(args: argparse.Namespace) -> int:
     several = len(adapters) > 1 or adapters != args.adapter
     outs = batch_outputs(adapters, args.out_path) if several else [args.out_path]
     if not args.dry_run:
-        run_transfers(adapters, args.source_model, args.target_model, outs, options,
-                      args.overwrite, not args.quiet)  # fmt: skip
+        if args.ray:  # Ray is an optional extra, imported only here
+            from crosslora.cluster import run_on_cluster
+
+            run_on_cluster(adapters, args.source_model, args.target_model, outs, options,
+                           args.overwrite, not args.quiet, args.ray, args.threads)  # fmt: skip
+        else:
+            run_transfers(adapters, args.source_model, args.target_model, outs, options,
+                          args.overwrite, not args.quiet)  # fmt: skip
         for out in outs:  # on stdout, -q or not: where the output went
             print(out)
         return 0
