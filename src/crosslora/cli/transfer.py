@@ -75,10 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--cache-dir", type=Path, metavar="DIR",
-        help="basis cache shared by later transfers (default: $CROSSLORA_HOME/bases, else "
-        "~/.cache/crosslora/bases)",
+        help="cache shared by later transfers: SVD bases in DIR, matched's pair preparations in "
+        "DIR/pairs (default: $CROSSLORA_HOME/bases and $CROSSLORA_HOME/pairs, else under "
+        "~/.cache/crosslora)",
     )  # fmt: skip
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the caches")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype", choices=("float16", "bfloat16", "float32"),
