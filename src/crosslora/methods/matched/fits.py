@@ -24,9 +24,11 @@ class Ridge:
         lam = alpha * float(gram.diagonal().sum()) / n
         if not lam > 0:
             raise Unsupported("the probe activations of this module are all zero")
-        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+        added = 0.0  # G + boost·λI in place: the Gram matrix and its factor, nothing more
         for boost in (1.0, 10.0, 100.0):  # float32 rounding can leave G + λI barely indefinite
-            self.chol, info = torch.linalg.cholesky_ex(gram + boost * lam * eye)
+            gram.diagonal().add_(boost * lam - added)
+            added = boost * lam
+            self.chol, info = torch.linalg.cholesky_ex(gram)
             if int(info) == 0:
                 return
         raise Unsupported("the probe activations' Gram matrix is not positive definite")
