@@ -151,3 +151,31 @@ def test_sampling_one_layer_at_a_time_writes_the_whole_models_texts(tiny_model, 
     run = Streamed(layout, torch.device("cpu"), "model")
     assert sample_texts(Sampler(run), tok, 3, 12, seed=5) == whole
     assert len(whole) == 3
+
+
+@pytest.mark.parametrize("pair", [("llama", "gemma3_text"), ("mistral", "phi3"), ("gpt2", "gpt_neox"),
+                                  ("olmo2", "granite"), ("gemma3", "llama-deep"),
+                                  ("phi4", "mistral-nemo")])  # fmt: skip
+def test_a_streamed_transfer_writes_the_whole_models_adapter(tiny_model, tiny_adapter, tmp_path,
+                                                             monkeypatch, pair):  # fmt: skip
+    """End to end, per family pair: ``matched`` with every model read one layer at a time writes
+    the adapter it writes with the models held whole (``Whole``), tensor for tensor."""
+    from safetensors.torch import load_file
+
+    import crosslora.methods.matched as matched
+    from crosslora.methods.matched import MatchedParams
+    from crosslora.pipeline import TransferOptions, transfer
+
+    src, tgt = pair
+    options = TransferOptions(params=MatchedParams(n_texts=8, calibration_texts=4, text_tokens=24,
+                                                   min_positions=16), cache=False)  # fmt: skip
+    args = (str(tiny_adapter(src)), str(tiny_model(src)), str(tiny_model(tgt)))
+    transfer(*args, tmp_path / "streamed", options, progress=False)
+    held = []
+    monkeypatch.setattr(matched, "runner",
+                        lambda layout, device, what: held.append(what) or Whole(layout, device, what))
+    transfer(*args, tmp_path / "whole", options, progress=False)
+    assert len(held) == 4  # the probe's reading and the calibration, each model whole
+    a = load_file(tmp_path / "streamed" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
