@@ -56,7 +56,7 @@ from crosslora.methods.matched.probe import (
     collect,
     special_id,
 )
-from crosslora.methods.matched.sampling import probe_texts, samples_whole, sampling_bytes
+from crosslora.methods.matched.sampling import probe_texts, samples_whole
 from crosslora.methods.matched.sizes import RUNTIME_BYTES, fit_bytes, shares
 from crosslora.methods.matched.stream import Streamed, runner
 from crosslora.pair_cache import PairCache
@@ -111,8 +111,9 @@ class Matched(Method):
         p = self.params
         tokens = 2 * p.text_tokens  # a probe text's tokens, at most, on either side
         sides = [shares(x, p) for x in (src, tgt)]
-        whole = [samples_whole(x, device, p) for x in (src, tgt)]
-        generate = max(sampling_bytes(s, w) for s, w in zip(sides, whole))
+        whole = [samples_whole(s, device) for s in sides]
+        generate = max(s["sampling_whole" if w else "sampling_by_layer"]
+                       for s, w in zip(sides, whole))  # fmt: skip
         read = max(s["outside"] + 2 * s["layer"] + p.n_texts * tokens * s["width"] * 8
                    for s in sides)  # fmt: skip
         logits = 2 * 4 * (4 * tokens) * max(src.dims.vocab, tgt.dims.vocab)

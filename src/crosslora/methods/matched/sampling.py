@@ -39,33 +39,24 @@ def probe_texts(src: Layout, tok_s, tgt: Layout, tok_t, device: torch.device,
     return texts
 
 
-def sampling_bytes(share: dict[str, int], whole: bool) -> int:
-    """What sampling holds (``sizes.shares``): the model as stored, or its parts outside the
-    layers and one layer (the float32 sizes halved for bfloat16), with the key/value cache."""
-    if whole:
-        return share["stored"] + share["kv"]
-    as_stored = share["stored"] / max(1, share["outside"] + share["layers"])  # 0.5: bfloat16
-    return int((share["outside"] + 2 * share["layer"]) * as_stored) + share["kv"]
-
-
-def samples_whole(layout: Layout, device: torch.device, p: MatchedParams) -> bool:
-    """Whether the model samples whole: it fits, as stored, in what ``device`` has free now
-    (unknown: no, the estimate is then the least the run needs)."""
-    share = shares(layout, p)
+def samples_whole(share: dict[str, int], device: torch.device) -> bool:
+    """Whether a model (``sizes.shares``) samples whole: it fits, as stored, in what ``device``
+    has free now (unknown: no, the estimate is then the least the run needs)."""
     free = None
     if device.type != "cuda" or torch.cuda.is_available():
         host, dev = available(device)
         free = dev if device.type == "cuda" else host
-    return free is not None and sampling_bytes(share, True) + RUNTIME_BYTES <= free
+    return free is not None and share["sampling_whole"] + RUNTIME_BYTES <= free
 
 
 def sampler(layout: Layout, device: torch.device, what: str, p: MatchedParams):
     """The model that samples the probe text: whole, as stored, where it fits in what is free
     on ``device``; else one layer at a time (``stream.Sampler``: the same numbers, slower)."""
-    if samples_whole(layout, device, p):
+    share = shares(layout, p)
+    if samples_whole(share, device):
         return load_model(layout.checkpoint.path, device, what, dtype="auto")
     log.info("%s: %s as stored does not fit in what is free; it samples one layer at a time",
-             what, gb(shares(layout, p)["stored"]))  # fmt: skip
+             what, gb(share["stored"]))  # fmt: skip
     return Sampler(Streamed(layout, device, what, dtype=stored_dtype(layout)))
 
 

@@ -16,8 +16,10 @@ RUNTIME_BYTES = 1 << 30  # torch, the tokenizers, the forward passes: what `memo
 
 def shares(layout: Layout, p: MatchedParams) -> dict[str, int]:
     """A model's parts in bytes: as stored; its largest decoder layer, and everything outside its
-    layers, in float32; the key/value cache of sampling 16 texts, as stored; and the float32
-    bytes per position of a layer's hidden state and widest intermediate (``width``)."""
+    layers, in float32; what sampling 16 texts holds, whole (the model as stored) or one layer at
+    a time (its parts outside the layers and a layer, as stored), with the key/value cache; and
+    the float32 bytes per position of a layer's hidden state and widest intermediate
+    (``width``)."""
     ckpt = layout.checkpoint
     leaf = re.escape(layout.family.layers.split(".")[-1])
     pattern = re.compile(rf"(?:^|\.){leaf}\.(\d+)\.")
@@ -31,8 +33,10 @@ def shares(layout: Layout, p: MatchedParams) -> dict[str, int]:
     d = layout.dims
     per_value = stored / max(1, f32 // 4)  # bytes per value as stored
     kv = int(16 * (p.text_tokens + 1) * d.layers * 2 * d.kv_heads * d.head_dim * per_value)
-    return {"stored": stored, "layer": max(per_layer.values(), default=0),
-            "layers": sum(per_layer.values()), "outside": f32 - sum(per_layer.values()), "kv": kv,
+    layer, outside = max(per_layer.values(), default=0), f32 - sum(per_layer.values())
+    return {"stored": stored, "layer": layer, "outside": outside,
+            "sampling_whole": stored + kv,
+            "sampling_by_layer": int((outside + 2 * layer) * per_value / 4) + kv,
             "width": d.hidden + max(d.hidden, d.intermediate)}  # fmt: skip
 
 
