@@ -3,11 +3,11 @@
 Every ``import`` in every module counts: at the top, inside functions and under
 ``TYPE_CHECKING``. Layers, lowest first (a module may import its own layer and those below):
 
-0. foundations: errors, version, device, lora, linalg, heap, layer_map, paths, speed
+0. foundations: errors, version, device, lora, linalg, heap, layer_map, paths, speed, hooks
 1. formats and architectures: io, arch
 2. the shared types and resources of a transfer: core, memory, basis_cache, pair_cache
 3. methods
-4. the pipeline: plan, execute, draws, report, pipeline
+4. the pipeline: plan, execute, draws, report, pipeline, refine
 5. tools built on it: inspect, eval, bench, zoo, cluster
 6. the command line: cli, __main__
 
@@ -24,11 +24,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "crosslora"
 LAYERS = [
-    {"errors", "version", "device", "lora", "linalg", "heap", "layer_map", "paths", "speed"},
+    {"errors", "version", "device", "lora", "linalg", "heap", "layer_map", "paths", "speed",
+     "hooks"},
     {"io", "arch"},
     {"core", "memory", "basis_cache", "pair_cache"},
     {"methods"},
-    {"plan", "execute", "draws", "report", "pipeline"},
+    {"plan", "execute", "draws", "report", "pipeline", "refine"},
     {"inspect", "eval", "bench", "zoo", "cluster"},
     {"cli", "__main__"},
 ]

@@ -15,7 +15,8 @@ The public API::
 - ``plan_transfers(adapters, source_model, target_model, options)``: the plans, from headers
   alone (what ``--dry-run`` prints); nothing is written.
 - ``TransferOptions``: the method, layer map, device, dtype, ... and the method's own parameters
-  (``MatchedParams``, ``AnchoredParams``).
+  (``MatchedParams``, ``AnchoredParams``); ``refine=RefineParams(...)`` adds the opt-in
+  training stage after the transfer (``--refine``).
 
 Errors a caller can cause raise ``CrossLoraError`` with a one-line message.
 """
@@ -30,11 +31,13 @@ from crosslora.version import __version__
 if TYPE_CHECKING:
     from crosslora.methods import AnchoredParams, MatchedParams
     from crosslora.pipeline import TransferOptions, plan_transfers, transfer, transfer_batch
+    from crosslora.refine import RefineParams
 
 __all__ = [
     "AnchoredParams",
     "CrossLoraError",
     "MatchedParams",
+    "RefineParams",
     "TransferOptions",
     "__version__",
     "plan_transfers",
@@ -49,6 +52,7 @@ _LAZY = {
     "transfer_batch": "crosslora.pipeline",
     "AnchoredParams": "crosslora.methods",
     "MatchedParams": "crosslora.methods",
+    "RefineParams": "crosslora.refine.params",
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +29,12 @@ from crosslora.memory import check_fits
 from crosslora.methods import DEFAULT_METHOD, Method, Params, expectation, get_method
 from crosslora.pair_cache import PairCache, default_pair_dir
 from crosslora.plan import TransferPlan, plan_transfer, resolve
+from crosslora.refine import RefineParams, refine
+from crosslora.refine import flops as refine_flops
+from crosslora.refine import key as refine_key
+from crosslora.refine import memory as refine_memory
 from crosslora.report import build_report, model_card
+from crosslora.speed import seconds_for
 
 log = logging.getLogger("crosslora")
 
@@ -51,6 +58,8 @@ class TransferOptions:
     # the written adapter's base_model_name_or_path and its card's base_model; None: the target's
     # hub id where known (report.build_report), else its folder's name
     base_model_name_or_path: str | None = None
+    # after the transfer, distil the source adapter into the target on text it writes (opt-in)
+    refine: RefineParams | None = None
 
 
 def check_options(options: TransferOptions) -> tuple[Method, torch.device]:
@@ -121,6 +130,11 @@ def plan_transfers(
         plan_transfer(inputs, method, options.layer_map, options.truncation_rank, device)
         for inputs in batch
     ]
+    if options.refine is not None:
+        src, tgt = batch[0].src, batch[0].tgt
+        for plan in plans:
+            plan.refine_memory = refine_memory(src, tgt, options.refine, device)
+            plan.refine_seconds = seconds_for(refine_flops(src, tgt, options.refine), device)
     return batch, plans
 
 
@@ -180,7 +194,14 @@ def _input_paths(
     if options.cache:
         paths.append(("basis cache", str(options.cache_dir or default_cache_dir())))
         paths.append(("pair cache", str(pair_dir(options))))
+        if options.refine is not None:
+            paths.append(("refine cache", str(refine_dir(options))))
     return paths
+
+
+def refine_dir(options: TransferOptions) -> Path:
+    """``<--cache-dir>/refine``, else ``$CROSSLORA_HOME/refine``: interrupted refines' state."""
+    return (Path(options.cache_dir) if options.cache_dir else default_cache_dir().parent) / "refine"
 
 
 def pair_dir(options: TransferOptions) -> Path:
@@ -206,6 +227,8 @@ def run_plans(
     outs = [claim.out for claim in claims]
     if plans[0].memory:  # the plans share one pair of models, and the method's preparation
         check_fits(plans[0].memory, device, plans[0].method, output_filesystem(outs[0]))
+    if plans[0].refine_memory:
+        check_fits(plans[0].refine_memory, device, "refine", output_filesystem(outs[0]))
     return_large_frees()  # peak memory flat in the number of layers (glibc heap fragmentation)
     cache = basis_cache(options)
     pairs = PairCache(pair_dir(options)) if options.cache else None
@@ -228,9 +251,34 @@ def run_plans(
             batch, plans, per_adapter, claims
         ):
             plan.diagnostics = diagnostics
+            factors, refined = None, None
+            if options.refine is not None:
+                factors, refined = _refine(inputs, plan, written, options, device, progress)
+                seconds = time.perf_counter() - start
             out.append(_write(inputs, plan, results, written, options, device, claim, seconds,
-                              extra))  # fmt: skip
+                              extra, factors, refined))  # fmt: skip
         return out
+
+
+def _refine(inputs: Inputs, plan: TransferPlan, written: list[ModuleResult],
+            options: TransferOptions, device: torch.device, progress: bool) -> tuple:  # fmt: skip
+    """The refine of one transferred adapter; its work folder (teacher text, checkpoints) lives
+    in the cache, keyed by what decides it, so that an interrupted refine resumes; it goes once
+    the refine is done. Without the cache it runs in one go."""
+    params = options.refine
+    factors = list(assemble(written))
+    if not options.cache:
+        return refine(inputs, plan.tasks, factors, params, device, None, progress)
+    folder = refine_dir(options) / refine_key(inputs, factors, params)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # the same refine runs elsewhere: this one runs in one go
+            return refine(inputs, plan.tasks, factors, params, device, None, progress)
+        result = refine(inputs, plan.tasks, factors, params, device, folder, progress)
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
 
 
 def _write(
@@ -243,10 +291,16 @@ def _write(
     claim: OutputClaim,
     seconds: float,
     extra: dict,
+    factors: list | None = None,
+    refined: dict | None = None,
 ) -> dict:
     settings = {**asdict(options), "device": str(device)}
+    if options.refine is not None:  # the prompts are the user's text: counted, not copied
+        settings["refine"] = {**settings["refine"], "prompts": len(options.refine.prompts)}
     out = claim.given
     report = {**build_report(inputs, plan, results, settings, seconds, out), **extra}
+    if refined is not None:
+        report["refine"] = refined
     tgt = inputs.tgt
     suffix_of = {
         t.tgt.slot.module: t.tgt.slot.module.split(f".{t.tgt.layer}.", 1)[1] for t in plan.tasks
@@ -266,7 +320,7 @@ def _write(
     }
     with claim.staged() as tmp:
         config = write_adapter(
-            tmp, assemble(written),
+            tmp, factors if factors is not None else assemble(written),
             base_model=report["base_model"],
             lora_alpha=inputs.adapter.lora_alpha,
             use_rslora=inputs.adapter.use_rslora,

@@ -49,6 +49,8 @@ class TransferPlan:
     diagnostics: dict = field(default_factory=dict)  # the method's, for the whole transfer
     memory: MemoryNeed | None = None  # the method's peak beyond streaming the weights
     seconds: float = 0.0  # estimated from the work's size and this machine's speed
+    refine_memory: MemoryNeed | None = None  # --refine's peak, after the transfer
+    refine_seconds: float = 0.0
 
     def describe(self) -> str:
         """A human-readable plan: the layer map, every task with shapes, every skip."""
@@ -86,6 +88,12 @@ class TransferPlan:
                 f"time: about {duration(self.seconds)} on this machine (from its speed and "
                 "the work's size; within about a factor of two)"
             )
+        if self.refine_memory:
+            lines.append("then: refine, distilling the source adapter into the target on text "
+                         "the source writes with it")  # fmt: skip
+            lines.append(f"refine memory: {self.refine_memory.describe()}")
+            lines.append(f"refine time: about {duration(self.refine_seconds)} on this machine "
+                         "(within about a factor of two)")  # fmt: skip
         said, warn = expectation(self.method)
         lines.append(f"{'warning' if warn else 'expect'}: {said}")
         return "\n".join(lines)

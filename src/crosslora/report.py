@@ -206,6 +206,28 @@ def _licence_lines(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _refine_lines(report: dict) -> str:
+    """The card's account of ``--refine``: what it read, how long it ran, its loss curve."""
+    r = report.get("refine")
+    if not r:
+        return ""
+    curve = r["loss_curve"]
+    marks = curve[:: max(1, len(curve) // 8)] + ([curve[-1]] if len(curve) % 8 else [])
+    losses = ", ".join(f"{step}: {loss:.4f}" for step, loss in marks)
+    seeded = f"{r['prompts']} prompts" if r["prompts"] else "no prompts (data-free)"
+    return f"""
+## Refine
+
+After the transfer the adapter was **trained** for {r["steps"]} steps of {r["batch"]} texts
+(objective `{r["objective"]}`, starting from {"the transfer" if r["start"] == "transfer" else
+"an untrained LoRA"}), on text the source model wrote with its adapter from {seeded}:
+{r["texts_written"]} texts written, {r["texts_kept"]} kept, {r["source_tokens_kept"]} source and
+{r["target_tokens_kept"]} target tokens selected where the adapter acts most. It took
+{r["seconds_teacher"]} s for the teacher and {r["seconds_training"]} s of training.
+Training loss by step: {losses}.
+"""
+
+
 def model_card(report: dict) -> str:
     """``README.md`` of a written adapter: Hub front matter, then what was done, how to do it
     again, what to expect of the method, the inputs' licences and how to load it."""
@@ -231,7 +253,7 @@ crosslora {report["crosslora_version"]}, method `{report["method"]}`.
 - Layer map: `{lm["kind"]}`, {lm["source_layers"]} source -> {lm["target_layers"]} target layers,
   {len(lm["pairs"])} matched.
 - Modules: {s["transferred"]} transferred, {skipped} skipped (reasons in `transfer_report.json`).
-{_fidelity_line(report)}
+{_fidelity_line(report)}{_refine_lines(report)}
 Made with:
 
 ```bash

@@ -6,10 +6,13 @@ import argparse
 from pathlib import Path
 
 from crosslora.cli import add_threads, add_verbosity
+from crosslora.errors import CrossLoraError
 from crosslora.layer_map import LAYER_MAPS
 from crosslora.linalg import DEFAULT_SVD, DEFAULT_TRUNCATION_RANK, SVD_MODES
 from crosslora.methods import DEFAULT_METHOD, METHODS
 from crosslora.pipeline import TransferOptions, batch_outputs, plan_transfers, run_transfers
+from crosslora.refine.params import OBJECTIVES, STARTS, RefineParams
+from crosslora.refine.prompts import read_prompts
 
 
 def truncation_rank(text: str) -> int | None:
@@ -112,9 +115,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "this machine for the run. Inputs and outputs must be on a filesystem every node sees "
         "(needs crosslora[ray])",
     )  # fmt: skip
+    g = p.add_argument_group("refine (opt-in training after the transfer)")
+    g.add_argument(
+        "--refine", action="store_true",
+        help="after the transfer, distil the source adapter into the target on text the source "
+        "writes with it (a short training run; docs/methods.md, \"Refine\")",
+    )  # fmt: skip
+    g.add_argument(
+        "--prompts", type=Path, metavar="FILE",
+        help="a few unlabeled task inputs that seed the teacher's text, one per line or JSON "
+        "lines (default: none, data-free)",
+    )  # fmt: skip
+    g.add_argument("--refine-steps", type=int, metavar="N",
+                   help=f"training steps of {RefineParams.batch} texts (default: "
+                   f"{RefineParams.epochs:g} passes over the texts kept)")  # fmt: skip
+    g.add_argument(
+        "--refine-objective", choices=OBJECTIVES, default=RefineParams.objective,
+        help="nll: the teacher's selected tokens; kl: its distribution over the shared "
+        "vocabulary at aligned positions (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--refine-from", choices=STARTS, default=RefineParams.start,
+        help="the student's start: the training-free transfer, or an untrained LoRA of the same "
+        "rank (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument("--refine-seed", type=int, default=RefineParams.seed, metavar="N",
+                   help="the refine's seed: one seed, one result on a machine (default "
+                   "%(default)s)")  # fmt: skip
     add_threads(p)
     add_verbosity(p)
     p.set_defaults(func=run)
+
+
+def refine_params(args: argparse.Namespace) -> RefineParams | None:
+    """The refine's parameters from the command line; refine flags without --refine are refused."""
+    given = [f for f, v in (("--prompts", args.prompts), ("--refine-steps", args.refine_steps
+             is not None), ("--refine-objective", args.refine_objective
+             != RefineParams.objective), ("--refine-from", args.refine_from != RefineParams.start),
+             ("--refine-seed", args.refine_seed != RefineParams.seed))
+             if v]  # fmt: skip
+    if not args.refine:
+        if given:
+            raise CrossLoraError(f"{given[0]} needs --refine")
+        return None
+    prompts = read_prompts(args.prompts) if args.prompts is not None else ()
+    return RefineParams(steps=args.refine_steps, objective=args.refine_objective,
+                        start=args.refine_from, seed=args.refine_seed, prompts=prompts)  # fmt: skip
 
 
 def expand_adapters(specs: list[str]) -> list[str]:
@@ -137,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, svd=args.svd,
         cache=not args.no_cache, cache_dir=str(args.cache_dir) if args.cache_dir else None,
         draws=args.draws, base_model_name_or_path=args.base_model_name_or_path,
+        refine=refine_params(args),
     )  # fmt: skip
     adapters = expand_adapters(args.adapter)
     several = len(adapters) > 1 or adapters != args.adapter

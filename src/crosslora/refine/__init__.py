@@ -1,0 +1,191 @@
+"""``--refine``: after the training-free transfer, distil the source adapter into the target on
+text the source writes with it (Trans-LoRA, TiTok). Opt-in; the default path never trains.
+
+The stages, each holding one model at a time: the teacher (the source with its adapter) writes
+text and scores every token of it with and without the adapter (``teacher``); the texts and
+tokens where the adapter acts most are kept and carried to the target's tokens by character
+spans (``selection``, ``spans``); the student (the target with the transferred adapter, or a new
+LoRA) trains on them (``student``). The reasoning is in docs/methods.md, "Refine".
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from crosslora.arch.layout import Layout
+from crosslora.core import Inputs, ModuleTask
+from crosslora.errors import CrossLoraError
+from crosslora.hooks import Update
+from crosslora.io.pretrained import load_causal_lm, require_tokenizer
+from crosslora.lora import LoraFactors
+from crosslora.memory import MemoryNeed, gb, parameter_bytes
+from crosslora.refine import student, teacher
+from crosslora.refine.params import RefineParams
+from crosslora.refine.selection import select
+
+__all__ = ["RefineParams", "refine", "memory", "flops"]
+
+log = logging.getLogger("crosslora")
+TEACHER = "teacher.json"
+
+
+def refine(
+    inputs: Inputs, tasks: list[ModuleTask], factors: list[tuple[str, LoraFactors]],
+    params: RefineParams, device: torch.device, folder: Path | None = None, progress: bool = True,
+) -> tuple[list[tuple[str, LoraFactors]], dict]:  # fmt: skip
+    """The refined factors (the same modules, ranks and scales as ``factors``), and what the
+    refine read and did. ``folder`` keeps the teacher's texts and the student's checkpoints, so
+    that a refine interrupted there resumes."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    tok_s = require_tokenizer(inputs.src.checkpoint.path, "source model")
+    tok_t = require_tokenizer(inputs.tgt.checkpoint.path, "target model")
+    if not getattr(tok_s, "is_fast", False) or not getattr(tok_t, "is_fast", False):
+        raise CrossLoraError("--refine needs fast tokenizers (character offsets)")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    shared = _shared(tok_s, tok_t) if params.objective == "kl" else _no_shared(tok_s, tok_t)
+
+    model = _load(inputs.src, device, dtype, "source model")
+    updates = source_updates(inputs, tasks)
+    saved = folder / TEACHER if folder is not None else None
+    if saved is not None and saved.is_file():
+        texts = [teacher.Text(**t) for t in json.loads(saved.read_text())]
+    else:
+        with tqdm(total=params.generated, desc="refine: teacher", unit="text",
+                  disable=not progress) as bar:  # fmt: skip
+            texts = teacher.write(model, tok_s, updates, params, bar)
+        if saved is not None:
+            tmp = saved.with_suffix(".tmp")
+            tmp.write_text(json.dumps([asdict(t) for t in texts]))
+            tmp.replace(saved)
+    if not texts:
+        raise CrossLoraError("--refine: the teacher wrote no text")
+    with tqdm(total=len(texts), desc="refine: scoring", unit="text", disable=not progress) as bar:
+        scored = teacher.score(model, tok_s, texts, updates, shared, params.top_k, bar)
+    del model, updates
+    gc.collect()
+    examples, counts = select(scored, tok_t, params)
+    del scored
+    if not examples:
+        raise CrossLoraError("--refine: no teacher text survived selection (the target's "
+                             "tokenizer reads none of them as two tokens or more)")  # fmt: skip
+    taught = time.perf_counter() - start
+
+    model = _load(inputs.tgt, device, dtype, "target model")
+    trainable = student.initial(factors, params.start, params.seed)
+    with tqdm(total=params.steps_for(len(examples)), desc="refine: training", unit="step",
+              disable=not progress) as bar:  # fmt: skip
+        curve = student.train(model, trainable, examples, params, folder, bar)
+    del model
+    gc.collect()
+    out = [(u.module, LoraFactors(u.A.detach().cpu(), u.B.detach().cpu(), u.scale))
+           for u in trainable]  # fmt: skip
+    report = {"objective": params.objective, "start": params.start,
+              "prompts": len(params.prompts), **counts, "batch": params.batch,
+              "lr": params.lr, "seed": params.seed,
+              "seconds_teacher": round(taught, 1),
+              "seconds_training": round(time.perf_counter() - start - taught, 1),
+              **curve}  # fmt: skip
+    return out, report
+
+
+def source_updates(inputs: Inputs, tasks: list[ModuleTask]) -> list[Update]:
+    """The source adapter as forward-hook updates of the source model, once per module role."""
+    seen: dict[tuple, Update] = {}
+    for task in tasks:
+        src = task.src
+        key = (src.slot.module, src.role)
+        if key not in seen:
+            lora = inputs.adapter.factors(task.adapter_module).to("cpu")
+            rows = src.slot.rows[src.role]
+            B = lora.B if rows is None else lora.B[rows]
+            seen[key] = Update(src.slot.module, rows, lora.A, B, lora.scale)
+    return list(seen.values())
+
+
+def _load(layout: Layout, device: torch.device, dtype: torch.dtype, what: str):
+    try:
+        model = load_causal_lm(layout.checkpoint.path, what, dtype=dtype)
+    except CrossLoraError:
+        raise
+    except Exception as err:
+        raise CrossLoraError(f"{what}: transformers cannot load {layout.checkpoint.path} "
+                             f"({type(err).__name__}: {err})") from err  # fmt: skip
+    return model.to(device).eval()
+
+
+def _shared(tok_s, tok_t) -> tuple[torch.Tensor, torch.Tensor]:
+    from crosslora.methods.anchored.vocab import shared_vocab
+
+    v = shared_vocab(tok_s, tok_t)
+    if len(v) == 0:
+        raise CrossLoraError("--refine-objective kl: the two tokenizers share no token")
+    return v.src_ids, v.tgt_ids
+
+
+def _no_shared(tok_s, tok_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stand-in token, for the objective that reads no distribution."""
+    return torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+
+
+def key(inputs: Inputs, factors: list[tuple[str, LoraFactors]], params: RefineParams) -> str:
+    """What decides a refine's result: both models, the adapter, the starting factors and the
+    parameters (the folder name under the cache's ``refine/``)."""
+    h = hashlib.sha256()
+    for cp in (inputs.src.checkpoint, inputs.tgt.checkpoint):
+        shards = sorted({cp.identity(k)["file"] for k in cp.keys()})
+        h.update(json.dumps([[f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns]
+                             for f in shards]).encode())  # fmt: skip
+    h.update(str(inputs.adapter.path.resolve()).encode())
+    for name in sorted(inputs.adapter.modules):
+        f = inputs.adapter.factors(name)
+        h.update(f.A.float().numpy().tobytes() + f.B.float().numpy().tobytes())
+    for module, f in factors:
+        h.update(module.encode() + f.A.float().numpy().tobytes() + f.B.float().numpy().tobytes())
+    h.update(json.dumps(asdict(params), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def memory(src: Layout, tgt: Layout, params: RefineParams, device: torch.device) -> MemoryNeed:
+    """The larger stage: the source whole (float32 on a CPU, bfloat16 on a GPU) scoring a batch
+    of texts, or the target whole training (its LoRA, gradients and AdamW moments, a
+    micro-batch's activations and logits)."""
+    per = 4 if device.type == "cpu" else 2
+    tokens = 3 * params.text_tokens + 8  # a task input and the teacher's response
+    score = parameter_bytes(src.checkpoint, per) + teacher.BATCH * tokens * src.dims.vocab * 4 * 3
+    lora = sum(16 * r * (m + n) for m, n, r in _lora_shapes(tgt))
+    acts = params.micro_batch * tokens * tgt.dims.layers * (
+        16 * tgt.dims.hidden + 4 * tgt.dims.intermediate) * 4  # fmt: skip
+    logits = params.micro_batch * tokens * tgt.dims.vocab * 4 * 4
+    train = parameter_bytes(tgt.checkpoint, per) + lora + acts + logits
+    what = f"refine: the teacher {gb(score)}, the student's training {gb(train)}"
+    need = max(score, train)
+    return MemoryNeed(need, 0, what) if device.type == "cpu" else MemoryNeed(
+        max(parameter_bytes(src.checkpoint, 2), parameter_bytes(tgt.checkpoint, 2)), need, what)
+
+
+def _lora_shapes(tgt: Layout) -> list[tuple[int, int, int]]:
+    d = tgt.dims
+    r = 64  # the rank is the adapter's; a generous bound, the LoRA is small beside the model
+    return [(d.hidden, d.hidden, r)] * 4 * d.layers + [(d.hidden, d.intermediate, r)] * 3 * d.layers
+
+
+def flops(src: Layout, tgt: Layout, params: RefineParams) -> float:
+    """Writing (with a key/value cache), scoring twice, and training (forward and backward
+    through the frozen target, about twice a forward)."""
+    p_s, p_t = parameter_bytes(src.checkpoint, 1), parameter_bytes(tgt.checkpoint, 1)
+    tokens = 3 * params.text_tokens if params.prompts else params.text_tokens
+    written = params.generated * (2 if params.prompts else 1) * params.text_tokens
+    write = 2 * p_s * written
+    score = 2 * 2 * p_s * params.generated * tokens
+    train = 3 * 2 * p_t * params.steps_for(params.texts) * params.batch * tokens
+    return write + score + train
