@@ -92,8 +92,8 @@ def test_the_loss_on_all_selected_tokens_falls(pair):
     examples = []
     for t in texts:
         ids = tokens(tok, t).ids
-        examples.append(Example(ids, [i > 0 for i in range(len(ids))], [], torch.zeros(0, 1),
-                                torch.zeros(0, 1)))  # fmt: skip
+        empty = torch.zeros(0, 1)
+        examples.append(Example(ids, [i > 0 for i in range(len(ids))], [], empty, empty, empty))
     factors = [("gpt_neox.layers.0.attention.query_key_value",
                 LoraFactors(torch.randn(4, 32, generator=g) * 0.1, torch.zeros(96, 4), 2.0))]
     params = RefineParams(steps=20, batch=8, micro_batch=4, lr=1e-2)
@@ -109,10 +109,12 @@ def test_the_loss_on_all_selected_tokens_falls(pair):
     assert total() < first - 0.05
 
 
-def test_the_divergence_objective_keeps_an_exact_transfer_exact(pair, tmp_path):
+@pytest.mark.parametrize("objective", ["kl", "shift"])
+def test_the_divergence_objectives_keep_an_exact_transfer_exact(objective, pair, tmp_path):
     """anchored is exact on a function-preserving twin: teacher and student already agree, so the
-    refine (kl) leaves the adapter's logits where they were, to a tolerance; nll on the teacher's
-    sampled tokens moves them (a sample is not the distribution)."""
+    refine (kl, and shift, whose target is then the same) leaves the adapter's logits where they
+    were, to a tolerance; nll on the teacher's sampled tokens moves them (a sample is not the
+    distribution)."""
     root, adapter = pair
     with torch.no_grad():
         want = load_with_adapter(root / "src", adapter)(TOKENS).logits
@@ -123,12 +125,13 @@ def test_the_divergence_objective_keeps_an_exact_transfer_exact(pair, tmp_path):
             got = load_with_adapter(root / "twin", out)(TOKENS).logits
         return float((got - want).norm() / (want - base).norm())
 
-    kl, _ = run(pair, tmp_path, target="twin", method="anchored", objective="kl")
+    kl, _ = run(pair, tmp_path, target="twin", method="anchored", objective=objective)
     nll, _ = run(pair, tmp_path, target="twin", method="anchored", objective="nll")
     # Adam turns float noise (teacher and student agree to ~1e-6) into steps of up to lr, so
-    # "exact" is to a tolerance: 6 steps at lr 2e-4 measured 0.0025 (kl) against 0.043 (nll)
-    assert error(kl) < 5e-3
-    assert error(nll) > 10 * error(kl)
+    # "exact" is to a tolerance: 6 steps at lr 2e-4 measured 0.0025 (kl), 0.0051 (shift, two
+    # models' noise) against 0.043 (nll)
+    assert error(kl) < 1e-2
+    assert error(nll) > 4 * error(kl)
 
 
 def test_the_same_seed_writes_the_same_adapter(pair, tmp_path):

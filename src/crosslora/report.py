@@ -206,6 +206,16 @@ def _licence_lines(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _origin(report: dict, base: str, given: str) -> str:
+    made = (f"from an adapter for `{report['source_model']}` (`{report['source_adapter']}`) by "
+            f"crosslora {report['crosslora_version']}, method `{report['method']}`")  # fmt: skip
+    if report.get("refine"):
+        return (f"This adapter for `{base}`{given} was transferred {made}, then **trained** on "
+                "text the source model wrote with its adapter (see Refine).")  # fmt: skip
+    return (f"This adapter was **not trained** on `{base}`{given}. It was transferred without "
+            f"data or training {made}.")  # fmt: skip
+
+
 def _refine_lines(report: dict) -> str:
     """The card's account of ``--refine``: what it read, how long it ran, its loss curve."""
     r = report.get("refine")
@@ -246,9 +256,7 @@ def model_card(report: dict) -> str:
 
 # LoRA adapter transferred with crosslora
 
-This adapter was **not trained** on `{base}`{given}. It was transferred without data
-or training from an adapter for `{report["source_model"]}` (`{report["source_adapter"]}`) by
-crosslora {report["crosslora_version"]}, method `{report["method"]}`.
+{_origin(report, base, given)}
 
 - Layer map: `{lm["kind"]}`, {lm["source_layers"]} source -> {lm["target_layers"]} target layers,
   {len(lm["pairs"])} matched.

@@ -132,7 +132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--refine-objective", choices=OBJECTIVES, default=RefineParams.objective,
         help="nll: the teacher's selected tokens; kl: its distribution over the shared "
-        "vocabulary at aligned positions (default %(default)s)",
+        "vocabulary at aligned positions; shift: the target's own distribution there, moved as "
+        "the adapter moves the source's (default %(default)s)",
     )  # fmt: skip
     g.add_argument(
         "--refine-from", choices=STARTS, default=RefineParams.start,

@@ -52,7 +52,7 @@ def refine(
     if not getattr(tok_s, "is_fast", False) or not getattr(tok_t, "is_fast", False):
         raise CrossLoraError("--refine needs fast tokenizers (character offsets)")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    shared = _shared(tok_s, tok_t) if params.objective == "kl" else _no_shared(tok_s, tok_t)
+    shared = _shared(tok_s, tok_t) if params.objective != "nll" else _no_shared(tok_s, tok_t)
 
     model = _load(inputs.src, device, dtype, "source model")
     updates = source_updates(inputs, tasks)
@@ -128,7 +128,7 @@ def _shared(tok_s, tok_t) -> tuple[torch.Tensor, torch.Tensor]:
 
     v = shared_vocab(tok_s, tok_t)
     if len(v) == 0:
-        raise CrossLoraError("--refine-objective kl: the two tokenizers share no token")
+        raise CrossLoraError("--refine-objective kl/shift: the two tokenizers share no token")
     return v.src_ids, v.tgt_ids
 
 

@@ -23,13 +23,17 @@ from crosslora.refine.teacher import Scored
 class Example:
     """One teacher text for the student: its target token ids, whether each is a selected token
     (``nll``: a loss on predicting it), and the teacher's distributions ``kl_ids``/``kl_p``
-    (P, k) for the next token at target positions ``kl_pos`` (P,)."""
+    (P, k) for the next token at target positions ``kl_pos`` (P,), with the adapter's shift of
+    their log-probabilities ``kl_shift`` (P, k) (``shift``; ``kl_base`` the student's base
+    log-probabilities of them, filled in before training)."""
 
     ids: list[int]
     nll: list[bool]
     kl_pos: list[int]
     kl_ids: torch.Tensor
     kl_p: torch.Tensor
+    kl_shift: torch.Tensor
+    kl_base: torch.Tensor | None = None
 
 
 def select(scored: list[Scored], tok_t, params: RefineParams) -> tuple[list[Example], dict]:
@@ -52,7 +56,7 @@ def select(scored: list[Scored], tok_t, params: RefineParams) -> tuple[list[Exam
         pairs = [(i, p) for i, p in aligned(s.src, tgt) if selected[i + 1]]
         idx = torch.tensor([i for i, _ in pairs], dtype=torch.long)
         examples.append(Example(tgt.ids, nll, [p for _, p in pairs], s.top_ids[idx],
-                                s.top_p[idx]))  # fmt: skip
+                                s.top_p[idx], s.top_shift[idx]))  # fmt: skip
         src_kept += len(chosen)
         tgt_kept += sum(nll)
     means = [s.mean_excess() for s in kept]

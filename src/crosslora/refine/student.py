@@ -81,7 +81,10 @@ def _loss(model, updates: list[Update], batch: list[Example], objective: str, de
             continue
         pos = torch.tensor(e.kl_pos, device=device)
         q = torch.log_softmax(logits[j, pos][..., :].gather(-1, e.kl_ids.to(device)), dim=-1)
-        p = e.kl_p.to(device)
+        if objective == "shift":  # the student's base, moved as the adapter moves the teacher
+            p = torch.softmax(e.kl_base.to(device) + e.kl_shift.to(device), dim=-1)
+        else:
+            p = e.kl_p.to(device)
         total = total + (p * (p.clamp_min(1e-30).log() - q)).sum()
         terms += len(pos)
     return total, terms
@@ -106,6 +109,8 @@ def train(model, updates: list[Update], examples: list[Example], params: RefineP
     if bar is not None:
         bar.update(begin)
     steps = params.steps_for(len(examples))
+    if params.objective == "shift":
+        _base_logprobs(model, examples, params.micro_batch, device)
     for step in range(begin, steps):
         picked = [examples[i] for i in order(len(examples), params.seed, step, params.batch)]
         for g in opt.param_groups:
@@ -133,6 +138,26 @@ def train(model, updates: list[Update], examples: list[Example], params: RefineP
         u.A.requires_grad_(False)
         u.B.requires_grad_(False)
     return {"steps": steps, "loss_curve": losses, "resumed_from_step": begin}
+
+
+@torch.no_grad()
+def _base_logprobs(model, examples: list[Example], micro: int, device) -> None:
+    """Each example's ``kl_base``: the student's base log-probabilities (no LoRA) of the
+    teacher's tokens at its positions, renormalised over them."""
+    for lo in range(0, len(examples), micro):
+        part = examples[lo : lo + micro]
+        width = max(len(e.ids) for e in part)
+        ids = torch.zeros((len(part), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, e in enumerate(part):
+            ids[j, : len(e.ids)] = torch.tensor(e.ids)
+            mask[j, : len(e.ids)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for j, e in enumerate(part):
+            pos = torch.tensor(e.kl_pos, dtype=torch.long, device=device)
+            picked = logits[j, pos].gather(-1, e.kl_ids.to(device)) if e.kl_pos else None
+            e.kl_base = (torch.log_softmax(picked, dim=-1).cpu() if picked is not None
+                         else torch.zeros(0, e.kl_ids.shape[1]))  # fmt: skip
 
 
 def _terms(e: Example, objective: str) -> int:

@@ -45,13 +45,15 @@ class Scored:
     """A text tokenized for the source, with each token's excess ``log p(source + adapter) −
     log p(source)`` (T,) (NaN where the token is not the teacher's: the context, the first
     token, special tokens) and, per position ``i``, the teacher's ``top_k`` most likely next
-    tokens among the shared vocabulary (as target ids) and their renormalised probabilities."""
+    tokens among the shared vocabulary (as target ids), their renormalised probabilities and how
+    far the adapter moves each (log-probabilities over the shared vocabulary)."""
 
     text: Text
     src: Tokens
     excess: torch.Tensor
     top_ids: torch.Tensor  # (T, k) target ids
     top_p: torch.Tensor  # (T, k)
+    top_shift: torch.Tensor  # (T, k): log p(source + adapter) − log p(source) of those tokens
 
     def mean_excess(self) -> float:
         live = ~self.excess.isnan()
@@ -158,12 +160,17 @@ def score(model, tokenizer, texts: list[Text], updates: list[Update], shared: tu
             ids[j, : len(t.ids)] = torch.tensor(t.ids)
             mask[j, : len(t.ids)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        base = _token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        base = _token_logprobs(logits, ids)
+        base_shared = torch.log_softmax(logits[..., src_ids].float(), dim=-1)
         with applied(model, updates):
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         with_adapter = _token_logprobs(logits, ids)
-        top = torch.log_softmax(logits[..., src_ids], dim=-1).topk(k, dim=-1)
+        adapted = torch.log_softmax(logits[..., src_ids], dim=-1)
         del logits
+        top = adapted.topk(k, dim=-1)
+        shift = top.values - base_shared.gather(-1, top.indices)
+        del base_shared, adapted
         for j, (t, text) in enumerate(zip(toks, chunk)):
             n = len(t.ids)
             excess = (with_adapter[j, :n] - base[j, :n]).cpu()
@@ -172,7 +179,7 @@ def score(model, tokenizer, texts: list[Text], updates: list[Update], shared: tu
                     excess[i] = math.nan
             p = top.values[j, :n].exp()
             out.append(Scored(text, t, excess, tgt_ids[top.indices[j, :n]].cpu(),
-                              (p / p.sum(-1, keepdim=True)).cpu()))  # fmt: skip
+                              (p / p.sum(-1, keepdim=True)).cpu(), shift[j, :n].cpu()))  # fmt: skip
         if bar is not None:
             bar.update(len(chunk))
     return out
