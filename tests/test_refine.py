@@ -271,6 +271,13 @@ def test_an_untrained_start_is_a_new_lora_of_the_same_rank():
     (u,) = student.initial([("m", f)], "untrained", 0)
     assert isinstance(u, Update) and u.A.shape == (4, 8) and u.B.shape == (6, 4)
     assert float(u.B.abs().max()) == 0 and float(u.A.abs().max()) <= 1 / 8**0.5
-    (v,) = student.initial([("m", f)], "transfer", 0)
-    assert torch.equal(v.A.data, f.A) and torch.equal(v.B.data, f.B)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, generator=g) * 30  # far from balanced, one direction unused
+    b = torch.randn(6, 4, generator=g) * 1e-3
+    b[:, 3] = 0
+    (v,) = student.initial([("m", LoraFactors(a, b, 2.0))], "transfer", 0)
+    assert torch.allclose(v.B.data @ v.A.data, b @ a, rtol=1e-5, atol=1e-7)
+    rows, cols = v.A.data.norm(dim=1), v.B.data.norm(dim=0)
+    assert torch.allclose(rows[:3], cols[:3], rtol=1e-4)  # each direction split evenly
+    assert float(cols[3]) == 0 and 0 < float(rows[3]) <= 8**0.5 / 8**0.5  # unused: fresh A
     assert json.dumps(student.order(5, 0, 0, 7)) == json.dumps(student.order(5, 0, 0, 7))

@@ -25,18 +25,47 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def initial(factors: list[tuple[str, LoraFactors]], start: str, seed: int) -> list[Update]:
-    """Trainable updates, one per module: the transfer's factors, or (``untrained``) PEFT's
-    initialisation of a new LoRA of the same rank and scale (``A`` Kaiming-uniform, ``B`` zero)."""
+    """Trainable updates, one per module: the transfer's factors, balanced (``balanced``), or
+    (``untrained``) PEFT's initialisation of a new LoRA of the same rank and scale (``A``
+    Kaiming-uniform, ``B`` zero)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for module, f in factors:
-        a, b = f.A.float().clone(), f.B.float().clone()
+        fresh = _kaiming(f.A.shape, gen)
         if start == "untrained":
-            bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
-            a = (torch.rand(a.shape, generator=gen) * 2 - 1) * bound
-            b = torch.zeros_like(b)
-        out.append(Update(module, None, torch.nn.Parameter(a), torch.nn.Parameter(b), f.scale))
+            a, b = fresh, torch.zeros(f.B.shape)
+        else:
+            a, b = balanced(f.A.double(), f.B.double(), fresh.double())
+        out.append(Update(module, None, torch.nn.Parameter(a.float().contiguous()),
+                          torch.nn.Parameter(b.float().contiguous()), f.scale))  # fmt: skip
     return out
+
+
+def balanced(a: torch.Tensor, b: torch.Tensor, fresh: torch.Tensor) -> tuple:
+    """``(A', B')`` with ``B' A' = B A`` and each of the update's singular values split evenly
+    between them (row ``i`` of ``A'`` and column ``i`` of ``B'`` both of norm ``√σ_i``); rows
+    of a direction the update does not use (``σ_i`` ~ 0) are ``fresh``'s with ``B'`` zero there.
+
+    Adam moves every element by about the learning rate whatever its size, so a transfer whose
+    factors are far from balanced (``matched`` can write ``A`` of RMS 10 beside ``B`` = 0, a role
+    calibrated away) would see a step of ``B`` act on ``A``'s whole size: the balanced factors
+    give every direction the step size a trained LoRA has."""
+    if min(b.shape[0], a.shape[1]) < a.shape[0]:
+        return a, b  # wider than the module: nothing to split
+    qb, rb = torch.linalg.qr(b)  # (out, r), (r, r)
+    qa, ra = torch.linalg.qr(a.mT)  # (in, r), (r, r)
+    u, sv, vh = torch.linalg.svd(rb @ ra.mT)
+    root = sv.sqrt()
+    b2, a2 = (qb @ u) * root, root[:, None] * (vh @ qa.mT)
+    unused = sv <= 1e-6 * float(sv.max()) if float(sv.max()) > 0 else sv >= 0
+    a2[unused], b2[:, unused] = fresh[unused], 0.0
+    return a2, b2
+
+
+def _kaiming(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """``kaiming_uniform_(a=√5)`` of an (r, in) matrix, as nn.Linear and PEFT initialise ``A``."""
+    bound = 1 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
 
 def order(n: int, seed: int, step: int, batch: int) -> list[int]:
