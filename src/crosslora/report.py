@@ -222,7 +222,8 @@ def _refine_lines(report: dict) -> str:
     if not r:
         return ""
     curve = r["loss_curve"]
-    marks = curve[:: max(1, len(curve) // 8)] + ([curve[-1]] if len(curve) % 8 else [])
+    marks = curve[:: max(1, len(curve) // 8)]
+    marks += [curve[-1]] if marks[-1] != curve[-1] else []
     losses = ", ".join(f"{step}: {loss:.4f}" for step, loss in marks)
     seeded = f"{r['prompts']} prompts" if r["prompts"] else "no prompts (data-free)"
     return f"""
