@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO / "bench"), str(REPO / "experiments")]
+from probe_seeds import pooled  # noqa: E402
 from train_adapter import SOURCES, load_examples  # noqa: E402
 
 from crosslora.io.peft_adapter import read_adapter  # noqa: E402
@@ -136,7 +137,7 @@ def table(base: str, oracle: str, matched: str, evals: list[str]) -> dict:
     and its difference from ``matched`` alone, paired over items; also printed."""
     from crosslora.eval import gap_recovered
 
-    load = {p: _items(p) for p in [base, oracle, matched, *evals]}
+    load = {p: pooled(p) for p in [base, oracle, matched, *evals]}
     out: dict = {}
     for group, tasks in GROUPS.items():
         pick = [k for k in load[base] if tasks is None or k.split("/")[0] in tasks]
@@ -161,11 +162,6 @@ def _paired(diff: np.ndarray) -> str:
     means = diff[rng.integers(0, len(diff), (2000, len(diff)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return f"{diff.mean():+.4f} nats [{low:+.4f}, {high:+.4f}]"
-
-
-def _items(path: str) -> dict[str, float]:
-    tasks = json.loads(Path(path).read_text())["tasks"]
-    return {f"{t}/{rec['id']}": rec["nll"] for t, r in tasks.items() for rec in r["items"]}
 
 
 def write_like(matched: Path, folder: Path, refined: dict, start) -> None:

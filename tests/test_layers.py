@@ -3,7 +3,7 @@
 Every ``import`` in every module counts: at the top, inside functions and under
 ``TYPE_CHECKING``. Layers, lowest first (a module may import its own layer and those below):
 
-0. foundations: errors, version, device, lora, linalg, heap, layer_map, paths, speed, hooks
+0. foundations: errors, version, device, lora, linalg, heap, layer_map, paths, speed, hooks, padding
 1. formats and architectures: io, arch
 2. the shared types and resources of a transfer: core, memory, basis_cache, pair_cache
 3. methods
@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "src" / "crosslora"
 LAYERS = [
     {"errors", "version", "device", "lora", "linalg", "heap", "layer_map", "paths", "speed",
-     "hooks"},
+     "hooks", "padding"},
     {"io", "arch"},
     {"core", "memory", "basis_cache", "pair_cache"},
     {"methods"},

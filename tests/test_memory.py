@@ -13,6 +13,7 @@ from crosslora.arch.layout import Layout
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 from crosslora.io.checkpoint import Checkpoint
+from crosslora.io.pretrained import load_model
 from crosslora.io.spool import Spool
 from crosslora.memory import MemoryNeed
 from crosslora.methods import METHODS, get_method
@@ -23,7 +24,7 @@ from crosslora.methods.matched.probe import (
     collect,
 )
 from crosslora.methods.matched.sizes import RUNTIME_BYTES, fit_bytes
-from crosslora.methods.matched.stream import Streamed, load_model
+from crosslora.methods.matched.stream import Streamed
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "phi3"])

@@ -229,11 +229,11 @@ def answers_yes(monkeypatch):
 def _loaders():
     from crosslora.io.pretrained import (
         load_causal_lm,
+        load_model,
         load_tokenizer,
         refuse_remote_code,
         require_tokenizer,
     )
-    from crosslora.methods.matched.stream import load_model
 
     return {
         "load_causal_lm": lambda f: load_causal_lm(f, "model", dtype=torch.float32),

@@ -10,8 +10,9 @@ import torch
 from conftest import TINY
 from crosslora.arch.layout import Layout
 from crosslora.io.checkpoint import Checkpoint
-from crosslora.methods.matched.probe import right_padded
-from crosslora.methods.matched.stream import Streamed, Whole, load_model, run_layers, runner
+from crosslora.io.pretrained import load_model
+from crosslora.methods.matched.stream import Streamed, Whole, run_layers, runner
+from crosslora.padding import right_padded
 
 CONVERTED = {"mixtral", "qwen2_moe", "qwen3_moe"}  # experts fused by transformers at load time
 

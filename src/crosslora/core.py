@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crosslora.arch.layout import Layout, RoleRef
+from crosslora.hooks import Update
 from crosslora.io.peft_adapter import Adapter
 from crosslora.io.spool import ParkedFactors, Spool
 from crosslora.lora import LoraFactors
@@ -58,3 +59,18 @@ class ModuleResult:
     @factors.setter
     def factors(self, f: LoraFactors | None) -> None:
         self.stored = self.spool.park(f) if f is not None and self.spool else f
+
+
+def source_updates(inputs: Inputs, tasks: list[ModuleTask]) -> list[Update]:
+    """The source adapter as forward-hook updates of the source model: one per module role the
+    ``tasks`` read (a fused module's role keeps only its rows of ``B``)."""
+    seen: dict[tuple, Update] = {}
+    for task in tasks:
+        src = task.src
+        key = (src.slot.module, src.role)
+        if key not in seen:
+            lora = inputs.adapter.factors(task.adapter_module).to("cpu")
+            rows = src.slot.rows[src.role]
+            B = lora.B if rows is None else lora.B[rows]
+            seen[key] = Update(src.slot.module, rows, lora.A, B, lora.scale)
+    return list(seen.values())

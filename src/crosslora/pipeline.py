@@ -134,8 +134,8 @@ def plan_transfers(
     ]
     if options.refine is not None:
         src, tgt = batch[0].src, batch[0].tgt
-        for plan in plans:
-            plan.refine_memory = refine_memory(src, tgt, options.refine, device)
+        for inputs, plan in zip(batch, plans):
+            plan.refine_memory = refine_memory(src, tgt, options.refine, device, inputs.adapter.r)
             plan.refine_seconds = seconds_for(refine_flops(src, tgt, options.refine), device)
     return batch, plans
 

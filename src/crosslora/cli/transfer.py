@@ -150,11 +150,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def refine_params(args: argparse.Namespace) -> RefineParams | None:
     """The refine's parameters from the command line; refine flags without --refine are refused."""
-    given = [f for f, v in (("--prompts", args.prompts), ("--refine-steps", args.refine_steps
-             is not None), ("--refine-objective", args.refine_objective
-             != RefineParams.objective), ("--refine-from", args.refine_from != RefineParams.start),
-             ("--refine-seed", args.refine_seed != RefineParams.seed))
-             if v]  # fmt: skip
+    defaults = {"prompts": None, "refine_steps": None, "refine_objective": RefineParams.objective,
+                "refine_from": RefineParams.start, "refine_seed": RefineParams.seed}
+    given = ["--" + d.replace("_", "-") for d, v in defaults.items() if getattr(args, d) != v]
     if not args.refine:
         if given:
             raise CrossLoraError(f"{given[0]} needs --refine")

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from crosslora.errors import CrossLoraError
 
 # transformers' refusal with trust_remote_code=False ("... contains custom code which must be
@@ -32,6 +34,23 @@ def load_causal_lm(folder: str | os.PathLike[str], what: str = "model", **kwargs
     except ValueError as err:
         _reraise_remote_code(err, folder, what)
         raise
+
+
+def load_model(
+    path: str | os.PathLike[str], device: torch.device, what: str,
+    dtype: torch.dtype | str = torch.float32,
+):  # fmt: skip
+    """The whole causal LM on ``device`` in eval mode, in ``dtype`` (``"auto"``: its
+    checkpoint's, bfloat16 for most); any failure to load is one line."""
+    try:  # never code from the model's folder: trust_remote_code=False
+        model = load_causal_lm(path, what, dtype=dtype)
+    except CrossLoraError:
+        raise
+    except Exception as err:
+        raise CrossLoraError(
+            f"{what}: transformers cannot load {path} ({type(err).__name__}: {err})"
+        ) from err
+    return model.to(device).eval()
 
 
 def load_config(folder: str | os.PathLike[str], what: str = "model", **kwargs: Any):

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from crosslora.arch.layout import Layout
-from crosslora.core import Inputs, ModuleTask
+from crosslora.core import Inputs, ModuleTask, source_updates
 from crosslora.errors import CrossLoraError
-from crosslora.hooks import Update
-from crosslora.io.pretrained import load_causal_lm, require_tokenizer
+from crosslora.io.pretrained import load_model, require_tokenizer
 from crosslora.lora import LoraFactors
 from crosslora.memory import MemoryNeed, gb, parameter_bytes
 from crosslora.refine import student, teacher
@@ -35,6 +34,10 @@ __all__ = ["RefineParams", "refine", "memory", "flops"]
 
 log = logging.getLogger("crosslora")
 TEACHER = "teacher.json"
+# sampling one token at a time runs far below the products' rate (a forward per token, the
+# sampling over the whole vocabulary): fitted to the measured Gemma 3 -> SmolLM2 refine, whose
+# texts took about 880 s against 115 s at the rate of the rest (docs/results.md, "Refine")
+WRITING = 7.5
 
 
 def refine(
@@ -52,9 +55,9 @@ def refine(
     if not getattr(tok_s, "is_fast", False) or not getattr(tok_t, "is_fast", False):
         raise CrossLoraError("--refine needs fast tokenizers (character offsets)")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    shared = _shared(tok_s, tok_t) if params.objective != "nll" else _no_shared(tok_s, tok_t)
+    shared = _shared(tok_s, tok_t) if params.objective != "nll" else None
 
-    model = _load(inputs.src, device, dtype, "source model")
+    model = load_model(inputs.src.checkpoint.path, device, "source model", dtype)
     updates = source_updates(inputs, tasks)
     saved = folder / TEACHER if folder is not None else None
     if saved is not None and saved.is_file():
@@ -80,7 +83,7 @@ def refine(
                              "tokenizer reads none of them as two tokens or more)")  # fmt: skip
     taught = time.perf_counter() - start
 
-    model = _load(inputs.tgt, device, dtype, "target model")
+    model = load_model(inputs.tgt.checkpoint.path, device, "target model", dtype)
     trainable = student.initial(factors, params.start, params.seed)
     with tqdm(total=params.steps_for(len(examples)), desc="refine: training", unit="step",
               disable=not progress) as bar:  # fmt: skip
@@ -98,31 +101,6 @@ def refine(
     return out, report
 
 
-def source_updates(inputs: Inputs, tasks: list[ModuleTask]) -> list[Update]:
-    """The source adapter as forward-hook updates of the source model, once per module role."""
-    seen: dict[tuple, Update] = {}
-    for task in tasks:
-        src = task.src
-        key = (src.slot.module, src.role)
-        if key not in seen:
-            lora = inputs.adapter.factors(task.adapter_module).to("cpu")
-            rows = src.slot.rows[src.role]
-            B = lora.B if rows is None else lora.B[rows]
-            seen[key] = Update(src.slot.module, rows, lora.A, B, lora.scale)
-    return list(seen.values())
-
-
-def _load(layout: Layout, device: torch.device, dtype: torch.dtype, what: str):
-    try:
-        model = load_causal_lm(layout.checkpoint.path, what, dtype=dtype)
-    except CrossLoraError:
-        raise
-    except Exception as err:
-        raise CrossLoraError(f"{what}: transformers cannot load {layout.checkpoint.path} "
-                             f"({type(err).__name__}: {err})") from err  # fmt: skip
-    return model.to(device).eval()
-
-
 def _shared(tok_s, tok_t) -> tuple[torch.Tensor, torch.Tensor]:
     from crosslora.methods.anchored.vocab import shared_vocab
 
@@ -130,11 +108,6 @@ def _shared(tok_s, tok_t) -> tuple[torch.Tensor, torch.Tensor]:
     if len(v) == 0:
         raise CrossLoraError("--refine-objective kl/shift: the two tokenizers share no token")
     return v.src_ids, v.tgt_ids
-
-
-def _no_shared(tok_s, tok_t) -> tuple[torch.Tensor, torch.Tensor]:
-    """One stand-in token, for the objective that reads no distribution."""
-    return torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
 
 
 def key(inputs: Inputs, factors: list[tuple[str, LoraFactors]], params: RefineParams) -> str:
@@ -155,14 +128,15 @@ def key(inputs: Inputs, factors: list[tuple[str, LoraFactors]], params: RefinePa
     return h.hexdigest()
 
 
-def memory(src: Layout, tgt: Layout, params: RefineParams, device: torch.device) -> MemoryNeed:
+def memory(src: Layout, tgt: Layout, params: RefineParams, device: torch.device,
+           rank: int) -> MemoryNeed:  # fmt: skip
     """The larger stage: the source whole (float32 on a CPU, bfloat16 on a GPU) scoring a batch
-    of texts, or the target whole training (its LoRA, gradients and AdamW moments, a
-    micro-batch's activations and logits)."""
+    of texts, or the target whole training (a LoRA of ``rank`` on every role it has, with
+    gradients and AdamW moments, a micro-batch's activations and logits)."""
     per = 4 if device.type == "cpu" else 2
     tokens = 3 * params.text_tokens + 8  # a task input and the teacher's response
     score = parameter_bytes(src.checkpoint, per) + teacher.BATCH * tokens * src.dims.vocab * 4 * 3
-    lora = sum(16 * r * (m + n) for m, n, r in _lora_shapes(tgt))
+    lora = sum(16 * rank * sum(ref.shape) for ref in tgt.roles())
     acts = params.micro_batch * tokens * tgt.dims.layers * (
         16 * tgt.dims.hidden + 4 * tgt.dims.intermediate) * 4  # fmt: skip
     logits = params.micro_batch * tokens * tgt.dims.vocab * 4 * 4
@@ -173,19 +147,13 @@ def memory(src: Layout, tgt: Layout, params: RefineParams, device: torch.device)
         max(parameter_bytes(src.checkpoint, 2), parameter_bytes(tgt.checkpoint, 2)), need, what)
 
 
-def _lora_shapes(tgt: Layout) -> list[tuple[int, int, int]]:
-    d = tgt.dims
-    r = 64  # the rank is the adapter's; a generous bound, the LoRA is small beside the model
-    return [(d.hidden, d.hidden, r)] * 4 * d.layers + [(d.hidden, d.intermediate, r)] * 3 * d.layers
-
-
 def flops(src: Layout, tgt: Layout, params: RefineParams) -> float:
     """Writing (with a key/value cache), scoring twice, and training (forward and backward
     through the frozen target, about twice a forward)."""
     p_s, p_t = parameter_bytes(src.checkpoint, 1), parameter_bytes(tgt.checkpoint, 1)
     tokens = 3 * params.text_tokens if params.prompts else params.text_tokens
     written = params.generated * (2 if params.prompts else 1) * params.text_tokens
-    write = 2 * p_s * written
+    write = WRITING * 2 * p_s * written
     score = 2 * 2 * p_s * params.generated * tokens
     train = 3 * 2 * p_t * params.steps_for(params.texts) * params.batch * tokens
     return write + score + train

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from crosslora.hooks import Update, applied
 from crosslora.lora import LoraFactors
+from crosslora.padding import right_padded
 from crosslora.refine.params import RefineParams
 from crosslora.refine.selection import Example
 
@@ -88,13 +89,7 @@ def learning_rate(params: RefineParams, step: int, steps: int) -> float:
 
 def _loss(model, updates: list[Update], batch: list[Example], objective: str, device) -> tuple:
     """The summed loss of ``batch`` (a tensor with its graph) and how many terms it sums."""
-    width = max(len(e.ids) for e in batch)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, e in enumerate(batch):
-        ids[j, : len(e.ids)] = torch.tensor(e.ids)
-        mask[j, : len(e.ids)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in right_padded([e.ids for e in batch], 0))
     with applied(model, updates):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
     if objective == "nll":
@@ -109,7 +104,7 @@ def _loss(model, updates: list[Update], batch: list[Example], objective: str, de
         if not e.kl_pos:
             continue
         pos = torch.tensor(e.kl_pos, device=device)
-        q = torch.log_softmax(logits[j, pos][..., :].gather(-1, e.kl_ids.to(device)), dim=-1)
+        q = torch.log_softmax(logits[j, pos].gather(-1, e.kl_ids.to(device)), dim=-1)
         if objective == "shift":  # the student's base, moved as the adapter moves the teacher
             p = torch.softmax(e.kl_base.to(device) + e.kl_shift.to(device), dim=-1)
         else:
@@ -175,13 +170,8 @@ def _base_logprobs(model, examples: list[Example], micro: int, device) -> None:
     teacher's tokens at its positions, renormalised over them."""
     for lo in range(0, len(examples), micro):
         part = examples[lo : lo + micro]
-        width = max(len(e.ids) for e in part)
-        ids = torch.zeros((len(part), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, e in enumerate(part):
-            ids[j, : len(e.ids)] = torch.tensor(e.ids)
-            mask[j, : len(e.ids)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        ids, mask = (t.to(device) for t in right_padded([e.ids for e in part], 0))
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
         for j, e in enumerate(part):
             pos = torch.tensor(e.kl_pos, dtype=torch.long, device=device)
             picked = logits[j, pos].gather(-1, e.kl_ids.to(device)) if e.kl_pos else None

@@ -19,6 +19,7 @@ import torch
 
 from crosslora.errors import CrossLoraError
 from crosslora.hooks import Update, applied
+from crosslora.padding import right_padded
 from crosslora.refine.params import RefineParams
 from crosslora.refine.prompts import novel
 from crosslora.refine.spans import Tokens, tokens
@@ -142,47 +143,56 @@ def _task_inputs(model, tokenizer, params: RefineParams, bar=None) -> list[str]:
 
 
 @torch.no_grad()
-def score(model, tokenizer, texts: list[Text], updates: list[Update], shared: tuple, k: int,
+def score(model, tokenizer, texts: list[Text], updates: list[Update],
+          shared: tuple[torch.Tensor, torch.Tensor] | None, k: int,
           bar=None) -> list[Scored]:  # fmt: skip
-    """Each text's tokens scored by the source with and without ``updates``; ``shared``
-    (source ids, target ids) of the shared vocabulary for the teacher's top-``k``."""
+    """Each text's tokens scored by the source with and without ``updates``; with ``shared``
+    (source ids, target ids of the shared vocabulary), also the teacher's top ``k`` there (else
+    nothing, k = 0: the ``nll`` objective reads no distribution)."""
     device = next(model.parameters()).device
-    src_ids, tgt_ids = (t.to(device) for t in shared)
-    k = min(k, len(src_ids))
+    src_ids, tgt_ids = (t.to(device) for t in shared) if shared else (None, None)
     out: list[Scored] = []
     for lo in range(0, len(texts), BATCH):
         chunk = texts[lo : lo + BATCH]
         toks = [tokens(tokenizer, t.text) for t in chunk]
-        width = max(len(t.ids) for t in toks)
-        ids = torch.zeros((len(toks), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, t in enumerate(toks):
-            ids[j, : len(t.ids)] = torch.tensor(t.ids)
-            mask[j, : len(t.ids)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in right_padded([t.ids for t in toks], 0))
         logits = model(input_ids=ids, attention_mask=mask).logits
         base = _token_logprobs(logits, ids)
-        base_shared = torch.log_softmax(logits[..., src_ids].float(), dim=-1)
+        base_shared = None if src_ids is None else _over(logits, src_ids)
         with applied(model, updates):
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         with_adapter = _token_logprobs(logits, ids)
-        adapted = torch.log_softmax(logits[..., src_ids], dim=-1)
-        del logits
-        top = adapted.topk(k, dim=-1)
-        shift = top.values - base_shared.gather(-1, top.indices)
-        del base_shared, adapted
+        if src_ids is None:
+            top = [torch.zeros(*ids.shape, 0, dtype=d) for d in (torch.long, torch.float32,
+                                                                 torch.float32)]  # fmt: skip
+        else:
+            top = _top(_over(logits, src_ids), base_shared, tgt_ids, k)
+        del logits, base_shared
         for j, (t, text) in enumerate(zip(toks, chunk)):
             n = len(t.ids)
             excess = (with_adapter[j, :n] - base[j, :n]).cpu()
             for i, (start, end) in enumerate(t.spans):
                 if i == 0 or end <= start or start < len(text.context):
                     excess[i] = math.nan
-            p = top.values[j, :n].exp()
-            out.append(Scored(text, t, excess, tgt_ids[top.indices[j, :n]].cpu(),
-                              (p / p.sum(-1, keepdim=True)).cpu(), shift[j, :n].cpu()))  # fmt: skip
+            out.append(Scored(text, t, excess, *(x[j, :n].cpu() for x in top)))
         if bar is not None:
             bar.update(len(chunk))
     return out
+
+
+def _over(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (B, T, V) renormalised over the vocabulary ``ids`` (V,)."""
+    return torch.log_softmax(logits[..., ids].float(), dim=-1)
+
+
+def _top(adapted: torch.Tensor, base: torch.Tensor, tgt_ids: torch.Tensor, k: int) -> list:
+    """From the shared vocabulary's log-probabilities with and without the adapter (B, T, V):
+    the adapted teacher's top ``k`` as target ids, their probabilities renormalised over them,
+    and the adapter's shift of each, each (B, T, k)."""
+    top = adapted.topk(min(k, adapted.shape[-1]), dim=-1)
+    p = top.values.exp()
+    shift = top.values - base.gather(-1, top.indices)
+    return [tgt_ids[top.indices], p / p.sum(-1, keepdim=True), shift]
 
 
 def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from crosslora.arch.layout import ROLES, Layout
-from crosslora.core import Inputs, ModuleResult
+from crosslora.core import Inputs, ModuleResult, source_updates
 from crosslora.errors import CrossLoraError
 from crosslora.io.pretrained import require_tokenizer
 from crosslora.io.spool import Spool
@@ -258,7 +258,7 @@ class Matched(Method):
             without = [[u for u, ro in zip(updates, role_of) if ro != role] for role in roles]
             assert pair.base_ll is not None
             base_s, base_t = pair.base_ll
-            (d_s,) = ll(run_s, batch_s, pad_s, _source_updates(inputs, results))
+            (d_s,) = ll(run_s, batch_s, pad_s, source_updates(inputs, [r.task for r in results]))
             full, *rest = ll(run_t, batch_t, pad_t, updates, *without)
             d_s, full = d_s - base_s, full - base_t
             # each role's part: the effect lost when it alone is left out
@@ -379,20 +379,6 @@ def _rescale(updates: list[cal.Update], factors: list[float]) -> None:
     executor's to change)."""
     for u, c in zip(updates, factors):
         u.B = u.B * c
-
-
-def _source_updates(inputs, results) -> list[cal.Update]:
-    """The source adapter's update of every source role the plan reads, once each."""
-    seen: dict[tuple, cal.Update] = {}
-    for res in results:
-        src = res.task.src
-        key = (src.slot.module, src.role)
-        if key not in seen:
-            lora = inputs.adapter.factors(res.task.adapter_module).to("cpu")
-            rows = src.slot.rows[src.role]
-            B = lora.B if rows is None else lora.B[rows]
-            seen[key] = cal.Update(src.slot.module, rows, lora.A, B, lora.scale)
-    return list(seen.values())
 
 
 def _target_update(res) -> cal.Update:

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from crosslora.hooks import Update, applied
-from crosslora.methods.matched.probe import ProbeBatch, right_padded
+from crosslora.methods.matched.probe import ProbeBatch
 from crosslora.methods.matched.stream import Streamed, run_layers
+from crosslora.padding import right_padded
 
 
 def chunk_logliks(

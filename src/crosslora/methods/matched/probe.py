@@ -37,6 +37,7 @@ from crosslora.arch.layout import Layout
 from crosslora.errors import CrossLoraError
 from crosslora.io.spool import Parked, Spool
 from crosslora.methods.matched.stream import Streamed, run_layers
+from crosslora.padding import right_padded
 
 log = logging.getLogger("crosslora")
 
@@ -219,17 +220,6 @@ def align(texts: list[str], tok_s, tok_t) -> tuple[ProbeBatch, ProbeBatch]:
         src.positions.append([ends_s[e] for e in common])
         tgt.positions.append([ends_t[e] for e in common])
     return src, tgt
-
-
-def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, T) and attention mask (B, T), right-padded: positions stay where they are."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.tensor(s)
-        mask[j, : len(s)] = 1
-    return ids, mask
 
 
 def _input_modules(layout: Layout) -> dict[str, tuple[int, str]]:

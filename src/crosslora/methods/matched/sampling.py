@@ -8,11 +8,12 @@ import logging
 import torch
 
 from crosslora.arch.layout import Layout
+from crosslora.io.pretrained import load_model
 from crosslora.memory import available, gb
 from crosslora.methods.matched.params import MatchedParams
 from crosslora.methods.matched.probe import readable, sample_texts
 from crosslora.methods.matched.sizes import RUNTIME_BYTES, shares
-from crosslora.methods.matched.stream import Sampler, Streamed, load_model
+from crosslora.methods.matched.stream import Sampler, Streamed
 
 log = logging.getLogger("crosslora")
 

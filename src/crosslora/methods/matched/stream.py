@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from crosslora.arch.layout import Layout
 from crosslora.errors import CrossLoraError
+from crosslora.io.pretrained import load_model
 
 log = logging.getLogger("crosslora")
 
@@ -209,23 +209,6 @@ class Whole(Streamed):
     def layer(self, i: int) -> Iterator[nn.Module]:
         with self._placed(i, self.real[i]):
             yield self.real[i]
-
-
-def load_model(
-    path: Path, device: torch.device, what: str, dtype: torch.dtype | str = torch.float32
-):
-    """The whole model, in ``dtype`` (``"auto"``: its checkpoint's, bfloat16 for most)."""
-    from crosslora.io.pretrained import load_causal_lm
-
-    try:  # never code from the model's folder: trust_remote_code=False
-        model = load_causal_lm(path, what, dtype=dtype)
-    except CrossLoraError:
-        raise
-    except Exception as err:
-        raise CrossLoraError(
-            f"{what}: transformers cannot load {path} ({type(err).__name__}: {err})"
-        ) from err
-    return model.to(device).eval()
 
 
 def _meta_layer(layer_type: type, config, i: int) -> nn.Module:
