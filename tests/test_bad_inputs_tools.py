@@ -502,7 +502,7 @@ def test_inspect_writes_its_files_whole_or_not_at_all(env, capsys, monkeypatch):
 
     png, js = env.work / "q.png", env.work / "q.json"
     assert main(env.inspect("--png", str(png), "--json", str(js))) == 0
-    assert png.read_bytes()[:4] == b"\x89PNG" and json.loads(js.read_text())["modules"]
+    assert png.read_bytes()[:4] == b"\x89PNG" and json.loads(js.read_text())["layers"]
     assert sorted(p.name for p in env.work.iterdir()) == ["q.json", "q.png"]
     assert capsys.readouterr().out.rstrip().endswith(f"heatmap: {png}")
 

@@ -1,4 +1,4 @@
-"""``crosslora inspect SOURCE TARGET``: what the alignment sees, before a transfer."""
+"""``crosslora inspect SOURCE TARGET``: what a method sees between two models, before a transfer."""
 
 from __future__ import annotations
 
@@ -9,22 +9,33 @@ from pathlib import Path
 from crosslora.cli import add_threads, add_verbosity
 from crosslora.layer_map import LAYER_MAPS
 
-EXAMPLES = ("crosslora inspect HuggingFaceTB/SmolLM2-135M google/gemma-3-270m --png alignment.png",)
+METHODS = {"matched": "merge", "anchored": "depth"}  # crosslora.inspect.METHODS, without torch
+
+EXAMPLES = ("crosslora inspect HuggingFaceTB/SmolLM2-135M google/gemma-3-270m --png maps.png",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
-        help="show how well two base models align (layer map, shared vocabulary, per module)",
-        description="Anchor the two models' spaces as the anchored method does and report, per "
-        "layer pair and module, how much of the target weight the mapped source weight explains.",
+        help="show what a method sees between two base models, and the odds it gives",
+        description="matched (the default): read the two models on matched's probe text (kept "
+        "in the pair cache for a later transfer) and report, per layer pair, how well each of its "
+        "maps predicts the other model on held-out probe text, and what pairs like this one "
+        "recovered on the benchmark. anchored: anchor the two models' spaces as the anchored "
+        "method does and report how much of each target weight the mapped source weight explains.",
     )
     p.add_argument("source_model", help="base model the adapter was trained on")
     p.add_argument("target_model", help="base model to transfer to")
-    p.add_argument("--layer-map", default="depth", choices=LAYER_MAPS,
-                   help="which source layer each target layer is compared with")  # fmt: skip
+    p.add_argument("--method", default="matched", choices=sorted(METHODS),
+                   help="the method whose view to show")  # fmt: skip
+    p.add_argument("--layer-map", choices=LAYER_MAPS,
+                   help="which source layer each target layer is compared with (default: the "
+                   "method's own: " + ", ".join(f"{m} {k}" for m, k in METHODS.items()) + ")")
+    p.add_argument("--cache-dir", type=Path,
+                   help="where matched's pair cache lives (default: $CROSSLORA_HOME, else "
+                   "~/.cache/crosslora)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--png", type=Path, help="write a heatmap of alignment quality")
+    p.add_argument("--png", type=Path, help="write a heatmap of the qualities")
     p.add_argument("--json", type=Path, help="write the full result as JSON")
     add_threads(p)
     add_verbosity(p)
@@ -45,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     check_distinct([("--json", args.json), ("--png", args.png)])
     fmt = check_png_path(args.png) if args.png is not None else None
     device = resolve_device(args.device)
-    result = inspect_pair(args.source_model, args.target_model, args.layer_map, device,
-                          progress=not args.quiet)  # fmt: skip
+    pair_dir = args.cache_dir / "pairs" if args.cache_dir else None
+    result = inspect_pair(args.source_model, args.target_model, args.method, args.layer_map,
+                          device, pair_dir, progress=not args.quiet)  # fmt: skip
     print(format_summary(result))
     if args.json:
         text = json.dumps(result, indent=2) + "\n"

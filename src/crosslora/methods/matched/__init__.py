@@ -81,6 +81,7 @@ class MatchedPair(Prepared):
     runners: tuple[Streamed, Streamed] | None = None  # the calibration's, kept for the next adapter
     base_ll: tuple[torch.Tensor, torch.Tensor] | None = None  # the bases' chunk log-likelihoods
     fits: dict[tuple, tuple[int | None, int, object]] = field(default_factory=dict)
+    rows_per_text: list[int] = field(default_factory=list)  # aligned positions of each text
 
 
 @register
@@ -193,6 +194,7 @@ class Matched(Method):
         pair = MatchedPair(diagnostics, *acts, (src, tgt), pads, self._calibration(batches),
                            device)  # fmt: skip
         pair.base_ll = base_ll
+        pair.rows_per_text = [len(pos) for pos in batch_s.positions]
         return pair
 
     def _aligned(self, texts: list[str], tok_s, tok_t) -> tuple[ProbeBatch, ProbeBatch]:
