@@ -116,8 +116,26 @@ def test_the_shipped_benchmark_figures_are_the_six_pairs():
     assert all(0 <= p.means[STATISTIC] <= 1 and 0 < p.recovered < 1 for p in BENCHMARK)
 
 
-def test_the_cli_names_the_methods_inspect_knows():
-    from crosslora.cli.inspect import METHODS as CLI
-    from crosslora.inspect import METHODS
+def test_every_method_is_told_what_the_benchmark_measured(tiny_model, tmp_path, capsys):
+    """matched and anchored are measured; for the others inspect says what the benchmark
+    measured, and warns for one that carries almost nothing."""
+    result = inspect(tmp_path, tiny_model("llama"), tiny_model("qwen2"), "--method", "cross-lora")
+    out = capsys.readouterr().out
+    assert result["expectation"]["warning"] and "layers" not in result and "modules" not in result
+    assert "warning: on the six-pair benchmark cross-lora recovered 0.00" in out
+    assert "inspect measures what matched and anchored see" in out
 
-    assert CLI == METHODS
+
+def test_matched_says_what_to_expect(twins, tmp_path, capsys):
+    inspect(tmp_path, *twins)
+    assert "expect: on the six-pair benchmark matched recovered 0.30" in capsys.readouterr().out
+
+
+def test_no_heatmap_for_a_method_inspect_does_not_measure(tiny_model, tmp_path, capsys):
+    argv = ["inspect", str(tiny_model("llama")), str(tiny_model("qwen2")), "--method", "crop-pad",
+            "--png", str(tmp_path / "q.png")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["crosslora: error: --png: inspect measures nothing to plot for crop-pad "
+                   "(only for matched and anchored)"]  # fmt: skip
+    assert not (tmp_path / "q.png").exists()

@@ -3,7 +3,8 @@ what that has meant on the benchmark.
 
 - ``matched`` (the default method): its probe text and the held-out quality of its maps per layer
   pair (``inspect.matched``), with the odds the benchmark's pairs give (``inspect.odds``);
-- ``anchored``: its anchors and the alignment quality of every module (``inspect.anchored``).
+- ``anchored``: its anchors and the alignment quality of every module (``inspect.anchored``);
+- every method: its layer map and what the benchmark measured for it (``methods.expectation``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from crosslora.inspect.matched import MAPS, format_matched, inspect_matched
 from crosslora.inspect.odds import odds
 from crosslora.io.checkpoint import Checkpoint
 from crosslora.layer_map import map_layers
+from crosslora.methods import METHODS, expectation
 from crosslora.pair_cache import default_pair_dir
 
-METHODS = {"matched": "merge", "anchored": "depth"}  # what inspect shows, and its layer map
+VIEWS = ("matched", "anchored")  # the methods whose view inspect measures
 
 
 def inspect_pair(
@@ -33,7 +35,11 @@ def inspect_pair(
     device = device or torch.device("cpu")
     src = Layout(Checkpoint(source, "source model"), "source model")
     tgt = Layout(Checkpoint(target, "target model"), "target model")
-    lmap = map_layers(layer_map or METHODS[method], src.num_layers, tgt.num_layers)
+    if method not in METHODS:
+        raise CrossLoraError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    lmap = map_layers(layer_map or METHODS[method].default_layer_map, src.num_layers,
+                      tgt.num_layers)  # fmt: skip
+    expected, warning = expectation(method)
     result = {
         "method": method,
         "source_model": source,
@@ -46,7 +52,10 @@ def inspect_pair(
             "unmatched_source_layers": lmap.unmatched_src,
             "unmatched_target_layers": lmap.unmatched_tgt,
         },
+        "expectation": {"says": expected, "warning": warning},
     }
+    if method not in VIEWS:
+        return result
     if method == "anchored":
         return result | inspect_anchored(src, tgt, lmap, device, progress)
     seen = inspect_matched(src, tgt, lmap, device, pair_dir or default_pair_dir(), progress)
@@ -60,8 +69,14 @@ def format_summary(result: dict) -> str:
         f"layer map: {result['layer_map']['kind']}, {len(result['layer_map']['pairs'])} pairs",
     ]
     if result["method"] == "anchored":
-        return "\n".join([*lines, format_anchored(result)])
-    return "\n".join([*lines, format_matched(result), result["odds"]["says"]])
+        lines.append(format_anchored(result))
+    elif result["method"] == "matched":
+        lines += [format_matched(result), result["odds"]["says"]]
+    else:
+        lines.append(f"inspect measures what {' and '.join(VIEWS)} see; for "
+                     f"{result['method']}, what the benchmark measured:")  # fmt: skip
+    mark = "warning: " if result["expectation"]["warning"] else "expect: "
+    return "\n".join([*lines, mark + result["expectation"]["says"]])
 
 
 def check_png_path(path: Path) -> str:
