@@ -47,8 +47,8 @@ VARIANTS = {
     "prompts": {"prompts": True},
     "untrained": {"prompts": True, "start": "untrained"},
     "kl": {"prompts": True, "objective": "kl"},
-    "shift": {"prompts": True, "objective": "shift"},
-    "untrained-kl": {"prompts": True, "start": "untrained", "objective": "kl"},
+    "nll": {"prompts": True, "objective": "nll"},
+    "untrained-nll": {"prompts": True, "start": "untrained", "objective": "nll"},
     "no-selection": {"prompts": True, "token_keep": 1.0},  # every token of the kept texts
 }
 

@@ -96,7 +96,7 @@ def test_the_loss_on_all_selected_tokens_falls(pair):
         examples.append(Example(ids, [i > 0 for i in range(len(ids))], [], empty, empty, empty))
     factors = [("gpt_neox.layers.0.attention.query_key_value",
                 LoraFactors(torch.randn(4, 32, generator=g) * 0.1, torch.zeros(96, 4), 2.0))]
-    params = RefineParams(steps=20, batch=8, micro_batch=4, lr=1e-2)
+    params = RefineParams(steps=20, batch=8, micro_batch=4, lr=1e-2, objective="nll")
     ups = student.initial(factors, "transfer", 0)
 
     def total() -> float:

@@ -37,9 +37,10 @@ from crosslora.report import build_report, model_card
 from crosslora.speed import seconds_for
 
 log = logging.getLogger("crosslora")
-REFINE_MEASURED = ("the refine is measured on one pair so far (docs/results.md, \"Refine\"): with "
-                   "32 prompts it took Gemma 3 -> SmolLM2 from 0.26 to 0.46 of the gap (nll), "
-                   "0.34 with shift, which alone left an unprompted task where it was")
+REFINE_MEASURED = ("the refine is measured on three pairs (docs/results.md, \"Refine\"): with "
+                   "32 prompts, shift added 0.08-0.13 of the gap to matched's (0.26 -> 0.34, "
+                   "0.36 -> 0.46, 0.26 -> 0.39); nll carries more only where the source is the "
+                   "stronger model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

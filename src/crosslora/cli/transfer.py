@@ -131,9 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    f"{RefineParams.epochs:g} passes over the texts kept)")  # fmt: skip
     g.add_argument(
         "--refine-objective", choices=OBJECTIVES, default=RefineParams.objective,
-        help="nll: the teacher's selected tokens; kl: its distribution over the shared "
-        "vocabulary at aligned positions; shift: the target's own distribution there, moved as "
-        "the adapter moves the source's (default %(default)s)",
+        help="shift: the target's own distribution at the aligned positions, moved as the "
+        "adapter moves the source's; nll: the teacher's selected tokens; kl: its distribution "
+        "over the shared vocabulary there (default %(default)s)",
     )  # fmt: skip
     g.add_argument(
         "--refine-from", choices=STARTS, default=RefineParams.start,

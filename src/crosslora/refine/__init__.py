@@ -148,12 +148,14 @@ def memory(src: Layout, tgt: Layout, params: RefineParams, device: torch.device,
 
 
 def flops(src: Layout, tgt: Layout, params: RefineParams) -> float:
-    """Writing (with a key/value cache), scoring twice, and training (forward and backward
-    through the frozen target, about twice a forward)."""
+    """Writing (with a key/value cache), scoring twice, the target's base distribution on the
+    kept texts (``shift``), and training (forward and backward through the frozen target, about
+    twice a forward)."""
     p_s, p_t = parameter_bytes(src.checkpoint, 1), parameter_bytes(tgt.checkpoint, 1)
     tokens = 3 * params.text_tokens if params.prompts else params.text_tokens
     written = params.generated * (2 if params.prompts else 1) * params.text_tokens
     write = WRITING * 2 * p_s * written
     score = 2 * 2 * p_s * params.generated * tokens
+    base = 2 * p_t * params.texts * tokens if params.objective == "shift" else 0
     train = 3 * 2 * p_t * params.steps_for(params.texts) * params.batch * tokens
-    return write + score + train
+    return write + score + base + train

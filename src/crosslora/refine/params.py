@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from crosslora.errors import CrossLoraError
 
-OBJECTIVES = ("nll", "kl", "shift")
+OBJECTIVES = ("shift", "nll", "kl")
 STARTS = ("transfer", "untrained")
 
 
@@ -29,9 +29,9 @@ class RefineParams:
     batch: int = 16
     micro_batch: int = 4
     lr: float = 2e-4
-    # "nll": the teacher's tokens; "kl": its distribution (shared vocabulary); "shift": the
-    # student's own base distribution moved as the adapter moves the teacher's
-    objective: str = "nll"
+    # "shift": the student's own base distribution moved as the adapter moves the teacher's;
+    # "nll": the teacher's tokens; "kl": its distribution (shared vocabulary)
+    objective: str = "shift"
     start: str = "transfer"  # "transfer": the training-free transfer; "untrained": a new LoRA
     texts: int = 192
     oversample: float = 2.0
