@@ -37,10 +37,10 @@ from crosslora.report import build_report, model_card
 from crosslora.speed import seconds_for
 
 log = logging.getLogger("crosslora")
-REFINE_MEASURED = ("the refine is measured on three pairs (docs/results.md, \"Refine\"): with "
-                   "32 prompts, shift added 0.08-0.13 of the gap to matched's (0.26 -> 0.34, "
-                   "0.36 -> 0.46, 0.26 -> 0.39); nll carries more only where the source is the "
-                   "stronger model")
+REFINE_MEASURED = ("the refine is measured on four pairs (docs/results.md, \"Refine\"): with "
+                   "32 prompts, shift took matched's mean 0.25 of the gap to 0.37 (+0.08 to "
+                   "+0.17 a pair) and cost an unprompted task (HellaSwag) on the two pairs from "
+                   "Qwen2.5")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
