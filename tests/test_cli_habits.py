@@ -97,8 +97,8 @@ def test_a_method_that_carries_almost_nothing_is_warned_about_after_the_transfer
 
 def test_every_benchmarked_method_states_its_number():
     measured = {name: cls.recovered for name, cls in METHODS.items()}
-    assert measured["matched"] == 0.297 and measured["cross-lora"] == 0.001
-    assert "0.30 of a target-trained adapter's effect" in expectation("matched")[0]
+    assert measured["matched"] == 0.272 and measured["cross-lora"] == 0.001
+    assert "0.27 of a target-trained adapter's effect" in expectation("matched")[0]
     assert expectation("anchored") == (
         "anchored is not in the six-pair benchmark (docs/results.md): how much of the adapter "
         "survives is not measured", False)  # fmt: skip

@@ -37,10 +37,9 @@ from crosslora.report import build_report, model_card
 from crosslora.speed import seconds_for
 
 log = logging.getLogger("crosslora")
-REFINE_MEASURED = ("the refine is measured on four pairs (docs/results.md, \"Refine\"): with "
-                   "32 prompts, shift took matched's mean 0.25 of the gap to 0.37 (+0.08 to "
-                   "+0.17 a pair) and cost an unprompted task (HellaSwag) on the two pairs from "
-                   "Qwen2.5")
+REFINE_MEASURED = ("the refine is measured on six pairs (docs/results.md, \"Refine\"): with 32 "
+                   "prompts, shift took matched's mean 0.27 of the gap to 0.41 (+0.08 to +0.21 a "
+                   "pair) and cost an unprompted task (HellaSwag) on the two pairs from Qwen2.5")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
