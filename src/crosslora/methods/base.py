@@ -26,6 +26,7 @@ from crosslora.linalg import DEFAULT_SVD, svd_bases
 from crosslora.lora import LoraFactors
 from crosslora.memory import MemoryNeed
 from crosslora.pair_cache import PairCache
+from crosslora.speed import Work
 
 Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -142,11 +143,11 @@ class Method:
     def flops(
         self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
         truncation_rank: int | None,
-    ) -> float:  # fmt: skip
-        """About how many float32 operations the transfer costs, at the efficiency of a large
-        matrix product, for the plan's time estimate; ``shapes`` are the tasks' (source, target)
+    ) -> Work:  # fmt: skip
+        """About how many operations the transfer costs (float32 products, float64
+        factorisations), for the plan's time estimate; ``shapes`` are the tasks' (source, target)
         (out, in). Default: nothing worth counting (the factors alone)."""
-        return 0.0
+        return Work()
 
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:
         """Why this method cannot handle these (out, in) shapes, or None. Called when planning."""

@@ -33,6 +33,7 @@ from crosslora.methods.base import (
     register,
     svd_flops,
 )
+from crosslora.speed import Work
 
 
 @register
@@ -44,8 +45,8 @@ class CrossLora(Method):
     def flops(
         self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
         truncation_rank: int | None,
-    ) -> float:  # fmt: skip
-        return svd_flops(shapes, truncation_rank)
+    ) -> Work:  # fmt: skip
+        return Work(svd_flops(shapes, truncation_rank))
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         (m, n), (mt, nt) = ctx.src_shape, ctx.tgt_shape

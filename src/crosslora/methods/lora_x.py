@@ -19,6 +19,7 @@ from crosslora.methods.base import (
     same_shapes,
     svd_flops,
 )
+from crosslora.speed import Work
 
 
 @register
@@ -32,8 +33,8 @@ class LoraX(Method):
     def flops(
         self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
         truncation_rank: int | None,
-    ) -> float:  # fmt: skip
-        return svd_flops([(t, t) for _, t in shapes], truncation_rank) / 2
+    ) -> Work:  # fmt: skip
+        return Work(svd_flops([(t, t) for _, t in shapes], truncation_rank) / 2)
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         m, n = ctx.tgt_shape

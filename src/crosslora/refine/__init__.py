@@ -29,6 +29,7 @@ from crosslora.memory import MemoryNeed, gb, parameter_bytes
 from crosslora.refine import student, teacher
 from crosslora.refine.params import RefineParams
 from crosslora.refine.selection import select
+from crosslora.speed import Work
 
 __all__ = ["RefineParams", "refine", "memory", "flops"]
 
@@ -147,7 +148,7 @@ def memory(src: Layout, tgt: Layout, params: RefineParams, device: torch.device,
         max(parameter_bytes(src.checkpoint, 2), parameter_bytes(tgt.checkpoint, 2)), need, what)
 
 
-def flops(src: Layout, tgt: Layout, params: RefineParams) -> float:
+def flops(src: Layout, tgt: Layout, params: RefineParams) -> Work:
     """Writing (with a key/value cache), scoring twice, the target's base distribution on the
     kept texts (``shift``), and training (forward and backward through the frozen target, about
     twice a forward)."""
@@ -158,4 +159,4 @@ def flops(src: Layout, tgt: Layout, params: RefineParams) -> float:
     score = 2 * 2 * p_s * params.generated * tokens
     base = 2 * p_t * params.texts * tokens if params.objective == "shift" else 0
     train = 3 * 2 * p_t * params.steps_for(params.texts) * params.batch * tokens
-    return write + score + base + train
+    return Work(write + score + base + train)

@@ -60,6 +60,7 @@ from crosslora.methods.matched.sampling import probe_texts, samples_whole
 from crosslora.methods.matched.sizes import RUNTIME_BYTES, fit_bytes, shares
 from crosslora.methods.matched.stream import Streamed, runner
 from crosslora.pair_cache import PairCache
+from crosslora.speed import Work
 
 log = logging.getLogger("crosslora")
 
@@ -140,19 +141,20 @@ class Matched(Method):
     def flops(
         self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
         truncation_rank: int | None,
-    ) -> float:  # fmt: skip
+    ) -> Work:  # fmt: skip
         """Sampling the probe text, reading it (both models), the fits (per module: the Gram
-        matrices and Cholesky factors of what it reads and writes) and the calibration's passes
-        (the source twice, the target 4 + 7 roles times, over the calibration texts)."""
+        matrices of what it reads and writes, and their float64 Cholesky factors) and the
+        calibration's passes (the source twice, the target 4 + 7 roles times, over the
+        calibration texts)."""
         p = self.params
         w_s, w_t = parameter_bytes(src.checkpoint, 1), parameter_bytes(tgt.checkpoint, 1)
         tokens = p.n_texts * p.text_tokens
         sample = 2 * (w_s + w_t) * tokens / 2 * SAMPLED_PER_KEPT
         read = 2 * (w_s + w_t) * tokens
         calibrate = 2 * (2 * w_s + 11 * w_t) * p.calibration_texts * p.text_tokens
-        fits = sum(2 * tokens * (n_t**2 + m_s**2) + (n_t**3 + m_s**3) / 3
-                   for (m_s, _), (_, n_t) in shapes)  # fmt: skip
-        return sample + read + calibrate + fits
+        grams = sum(2 * tokens * (n_t**2 + m_s**2) for (m_s, _), (_, n_t) in shapes)
+        factors = sum((n_t**3 + m_s**3) / 3 for (m_s, _), (_, n_t) in shapes)
+        return Work(sample + read + calibrate + grams, factors)
 
     def prepare(
         self, src: Layout, tgt: Layout, device: torch.device, spool: Spool | None = None,
