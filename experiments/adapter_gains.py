@@ -22,6 +22,8 @@ import argparse
 import numpy as np
 from probe_seeds import RESAMPLES, SEED, columns, pooled
 
+from crosslora.eval import bootstrap_ci
+
 
 def gain(base: dict[str, float], oracle: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     """Per item: the base's NLL and its drop under the adapter (base − oracle), in nats."""
@@ -30,10 +32,8 @@ def gain(base: dict[str, float], oracle: dict[str, float]) -> tuple[np.ndarray, 
 
 
 def interval(x: np.ndarray) -> str:
-    rng = np.random.default_rng(SEED)
-    means = x[rng.integers(0, len(x), (RESAMPLES, len(x)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return f"{x.mean():.3f} [{lo:.3f}, {hi:.3f}]"
+    iv = bootstrap_ci(x, RESAMPLES, SEED)
+    return f"{iv.point:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
 
 def main() -> int:
