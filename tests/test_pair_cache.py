@@ -1,6 +1,7 @@
-"""The pair cache (``crosslora.pair_cache``): ``matched``'s preparation of a pair, made once and
-read by every later transfer between the same models; a hit writes the adapter a fresh run
-writes, bit for bit; a corrupt entry is prepared again; two runs preparing at once both finish."""
+"""The pair cache (``crosslora.pair_cache``): ``matched``'s preparation of a pair (the probe and
+its activations, then the fits made from them), made once and read by every later transfer
+between the same models; a hit writes the adapter a fresh run writes, bit for bit; a corrupt
+entry is prepared again; two runs preparing at once both finish."""
 
 from __future__ import annotations
 
@@ -39,7 +40,16 @@ def same(a: Path, b: Path) -> bool:
 
 
 def entries(cache: Path) -> list[Path]:
-    return [p for p in (cache / "pairs").glob("*/*") if not p.name.startswith(".")]
+    """The probes' entries (the fits' are beside them)."""
+    return [p for p in (cache / "pairs").glob("*/*") if (p / "activations.bin").is_file()]
+
+
+def fit_entries(cache: Path) -> list[Path]:
+    return [p for p in (cache / "pairs").glob("*/*") if (p / "fit.bin").is_file()]
+
+
+def fits(report: dict) -> dict:
+    return report["method_diagnostics"]["pair_fits"]
 
 
 def test_a_hit_writes_what_a_fresh_run_writes(pair, tmp_path):
@@ -52,6 +62,26 @@ def test_a_hit_writes_what_a_fresh_run_writes(pair, tmp_path):
     assert same(tmp_path / "first", tmp_path / "fresh")
     assert same(tmp_path / "second", tmp_path / "fresh")
     assert len(entries(tmp_path / "cache")) == 1
+    # the fits: made by the first (and read again where two modules share one), every one read
+    # by the second, none by a run with no cache
+    assert fits(first)["made"] > 0
+    assert fits(second) == {"read": sum(fits(first).values()), "made": 0}
+    assert fits(fresh) == {"read": 0, "made": 0}
+    assert len(fit_entries(tmp_path / "cache")) == fits(first)["made"]
+
+
+def test_a_corrupt_fit_is_made_again(pair, tmp_path, caplog):
+    first = run(pair, tmp_path / "first", tmp_path / "cache")
+    damaged = sorted(fit_entries(tmp_path / "cache"))[0]
+    raw = bytearray((damaged / "fit.bin").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (damaged / "fit.bin").write_bytes(bytes(raw))
+    again = run(pair, tmp_path / "again", tmp_path / "cache")
+    assert again["pair_cache"]["corrupt_remade"] == 1
+    assert fits(again)["made"] == 1
+    assert sum(fits(again).values()) == sum(fits(first).values())
+    assert same(tmp_path / "again", tmp_path / "first")
+    assert "is corrupt" in caplog.text
 
 
 def test_other_parameters_are_another_entry(pair, tmp_path):
@@ -61,6 +91,8 @@ def test_other_parameters_are_another_entry(pair, tmp_path):
     # the ridge does not decide the preparation: the same entry
     ridge = run(pair, tmp_path / "c", tmp_path / "cache", alpha=0.1)
     assert ridge["pair_cache"]["hits"] == 1
+    # but it decides the fits: made again, beside the first ridge's
+    assert fits(ridge)["made"] == fits(other)["made"] > 0
 
 
 @pytest.mark.parametrize("damage", ["activations", "manifest", "extra file"])
@@ -115,3 +147,22 @@ def test_a_pair_prepared_ahead_is_read_by_the_transfers(pair, tmp_path):
     assert report["pair_cache"]["hits"] == 1 and report["pair_cache"]["made"] == 0
     run(pair, tmp_path / "fresh", None)
     assert same(tmp_path / "out", tmp_path / "fresh")
+
+
+def test_a_full_disk_keeps_no_fits_and_the_transfer_goes_on(pair, tmp_path, monkeypatch, caplog):
+    """Writing a fit fails as on a full disk: the transfer finishes, writes what a run without
+    the cache writes, and leaves no staging folder behind."""
+    import errno
+
+    from crosslora.methods.matched import entry
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(entry, "write_fit", full)
+    report = run(pair, tmp_path / "out", tmp_path / "cache")
+    run(pair, tmp_path / "fresh", None)
+    assert same(tmp_path / "out", tmp_path / "fresh")
+    assert "keeps no more fits" in caplog.text and "No space left" in caplog.text
+    assert fits(report)["read"] == 0 and fit_entries(tmp_path / "cache") == []
+    assert not list((tmp_path / "cache" / "pairs").glob("*/.*"))

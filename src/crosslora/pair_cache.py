@@ -83,9 +83,10 @@ class PairCache:
         return None
 
     @contextlib.contextmanager
-    def writing(self, key: dict) -> Iterator[Path]:
+    def writing(self, key: dict, count: bool = True) -> Iterator[Path]:
         """A staging folder to write the entry's files in; on a clean exit its manifest is
-        written and it is renamed into place (unless another run's entry got there first)."""
+        written and it is renamed into place (unless another run's entry got there first).
+        ``count``: the entry counts in ``stats`` as made."""
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -96,7 +97,7 @@ class PairCache:
             (staging / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
             try:
                 os.rename(staging, path)
-                self.made += 1
+                self.made += count
             except OSError:  # another run's entry is in place: it is the same
                 pass
         finally:

@@ -14,6 +14,7 @@ are in docs/methods.md ("matched") and docs/results.md.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -57,7 +58,7 @@ from crosslora.methods.matched.probe import (
     special_id,
 )
 from crosslora.methods.matched.sampling import probe_texts, samples_whole
-from crosslora.methods.matched.sizes import RUNTIME_BYTES, fit_bytes, shares
+from crosslora.methods.matched.sizes import RUNTIME_BYTES, fit_bytes, kept_fit_bytes, shares
 from crosslora.methods.matched.stream import Streamed, runner
 from crosslora.pair_cache import PairCache
 from crosslora.speed import Work
@@ -83,6 +84,9 @@ class MatchedPair(Prepared):
     base_ll: tuple[torch.Tensor, torch.Tensor] | None = None  # the bases' chunk log-likelihoods
     fits: dict[tuple, tuple[int | None, int, object]] = field(default_factory=dict)
     rows_per_text: list[int] = field(default_factory=list)  # aligned positions of each text
+    cache: PairCache | None = None  # where the fits are kept, beside the probe's entry
+    fits_key: dict | None = None  # what every fit's entry key extends (``entry.fit_key``)
+    fits_counted: dict[str, int] = field(default_factory=lambda: {"read": 0, "made": 0})
 
 
 @register
@@ -131,6 +135,8 @@ class Matched(Method):
         what = (f"the largest phase, {largest}: " + ", ".join(
             f"{k} {gb(v)}" for k, v in phases.items()) + f" (sampling {how}); the activations at "
             f"{positions} probe positions, {gb(sum(a_s) + sum(a_t))}, wait on disk")  # fmt: skip
+        if device.type == "cpu":
+            what += f", and the pair cache keeps the fits, {gb(kept_fit_bytes(src, tgt))}"
         disk = sum(a_s) + sum(a_t)
         if device.type == "cpu":
             return MemoryNeed(phases[largest] + RUNTIME_BYTES, 0, what, disk)
@@ -197,6 +203,14 @@ class Matched(Method):
                            device)  # fmt: skip
         pair.base_ll = base_ll
         pair.rows_per_text = [len(pos) for pos in batch_s.positions]
+        pair.cache = cache
+        if cache is not None and device.type == "cpu":  # a GPU makes them faster than a disk
+            need, free = kept_fit_bytes(src, tgt), shutil.disk_usage(cache.root).free
+            if need + RUNTIME_BYTES < free:
+                pair.fits_key = entry.fits_key(key, p.alpha)
+            else:
+                log.warning("warning: the pair cache keeps no fits: they need %s and %s has %s "
+                            "free", gb(need), cache.root, gb(free))  # fmt: skip
         return pair
 
     def _aligned(self, texts: list[str], tok_s, tok_t) -> tuple[ProbeBatch, ProbeBatch]:
@@ -309,6 +323,7 @@ class Matched(Method):
             "probe_effect_before": cal.agreement(d_s, full),
             "probe_effect_least_squares": least_squares,
             "probe_effect": eff,
+            "pair_fits": dict(pair.fits_counted),  # read from the pair cache, or made here
         })  # fmt: skip
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, pair: MatchedPair) -> MethodOutput:
@@ -331,9 +346,9 @@ class Matched(Method):
             y_s = pair.acts_s.inputs[(ls, "mlp_mid")].to(dev)
             y_t = pair.acts_t.inputs[(lt, "mlp_mid")].to(dev)
             ridge = _fit(pair, ("mid", ls, lt), lambda: Ridge(y_s, alpha), ls, lt)
-        else:
+        else:  # one per module, not held: the next module reads other outputs
             y_s, y_t = src.y, tgt.y
-            ridge = Ridge(y_s, alpha)
+            ridge = _stored(pair, ("out", ls, role), lambda: Ridge(y_s, alpha))
         b_t = map_output(y_s, y_t, ridge, B)
         return output(a_t, b_t, lora, src, tgt, in_fit, out_fit(y_s, y_t, ridge))
 
@@ -363,8 +378,35 @@ def _fit(pair: MatchedPair, key: tuple, make, ls: int | None, lt: int):
               if l_t != lt or (l_s is not None and l_s != ls)]:  # fmt: skip
         del pair.fits[k]
     if key not in pair.fits:
-        pair.fits[key] = (ls, lt, make())
+        pair.fits[key] = (ls, lt, _stored(pair, key, make))
     return pair.fits[key][2]
+
+
+def _stored(pair: MatchedPair, what: tuple, make):
+    """``make()`` (a ``Ridge``, or a map and its residual), read from the pair cache where an
+    earlier adapter for this pair made it (its probe's entry has the same key), else made and
+    kept there: a later adapter pays only for its own solves."""
+    if pair.cache is None or pair.fits_key is None:
+        return make()
+    key = entry.fit_key(pair.fits_key, what)
+    found = pair.cache.find(key, count=False)
+    if found is not None:
+        tensor, fit = entry.read_fit(found)
+        pair.fits_counted["read"] += 1
+        tensor = tensor.to(pair.device)
+        return Ridge.from_factor(tensor) if fit is None else (tensor, fit)
+    made = make()
+    try:
+        with pair.cache.writing(key, count=False) as folder:
+            if isinstance(made, Ridge):
+                entry.write_fit(folder, made.chol, None)
+            else:
+                entry.write_fit(folder, *made)
+    except (OSError, CrossLoraError) as err:  # a full disk: the transfer goes on without it
+        log.warning("warning: the pair cache keeps no more fits (%s)", err)
+        pair.fits_key = None
+    pair.fits_counted["made"] += 1
+    return made
 
 
 def _write_coords(pair: MatchedPair, acts: Activations, layout: Layout, layer: int, g,

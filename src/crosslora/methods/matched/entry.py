@@ -1,8 +1,10 @@
-"""``matched``'s preparation of a pair as a pair-cache entry (``crosslora.pair_cache``): the probe
+"""``matched``'s preparation of a pair as pair-cache entries (``crosslora.pair_cache``): the probe
 texts, the activations at their aligned positions (one spool file and its index) and the bases'
-chunk log-likelihoods of the calibration texts. What identifies it: both checkpoints' files,
-both tokenizers' files, the parameters that decide the probe, and the versions and device type
-that decide its numbers."""
+chunk log-likelihoods of the calibration texts; then, one entry each, the fits made from those
+activations (a ridge's Cholesky factor, a residual-stream map), which no adapter changes. What
+identifies the probe's entry: both checkpoints' files, both tokenizers' files, the parameters
+that decide the probe, and the versions and device type that decide its numbers; a fit's: the
+probe's key, the ridge and which fit it is."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crosslora.arch.layout import Layout
-from crosslora.io.spool import Spool
+from crosslora.io.spool import Parked, Spool
 from crosslora.methods.matched.probe import Activations, Spilled
 from crosslora.pair_cache import PAIR_CACHE_VERSION
 
 ACTIVATIONS, PROBE, BASE_LL = "activations.bin", "probe.json", "base_ll.safetensors"
+FIT, FIT_META = "fit.bin", "fit.json"
+FITS_VERSION = 1  # raised when what a fit holds, or how it is made, changes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
 
@@ -77,3 +81,31 @@ def read(folder: Path) -> Entry:
                  for ins, res in probe["index"])  # fmt: skip
     ll = load_file(str(folder / BASE_LL))
     return Entry(probe["texts"], acts, (ll["source"], ll["target"]), spool)  # type: ignore[arg-type]
+
+
+def fits_key(pair_key: dict, alpha: float) -> dict:
+    """What the fits' keys share: the probe's entry key ``pair_key`` and the ridge ``alpha``."""
+    return {**pair_key, "fits": [FITS_VERSION, alpha]}
+
+
+def fit_key(fits: dict, what: tuple) -> dict:
+    """A fit's entry key: ``fits`` (``fits_key``) and ``what``, the fit's name within the pair
+    (e.g. ``("in", 3, "attn_in")``)."""
+    return {**fits, "fit": list(what)}
+
+
+def write_fit(folder: Path, tensor: torch.Tensor, fit: float | None) -> None:
+    """A fit's tensor (raw, as the spool writes it: no copy in memory) and, for a map, its
+    residual ``fit``, into the staging ``folder``."""
+    with Spool.at(folder / FIT, write=True) as spool:
+        parked = spool.put(tensor)
+    meta = {"shape": list(parked.shape), "dtype": str(parked.dtype).removeprefix("torch."),
+            "fit": fit}  # fmt: skip
+    (folder / FIT_META).write_text(json.dumps(meta))
+
+
+def read_fit(folder: Path) -> tuple[torch.Tensor, float | None]:
+    meta = json.loads((folder / FIT_META).read_text())
+    parked = Parked(0, tuple(meta["shape"]), getattr(torch, meta["dtype"]))
+    with Spool.at(folder / FIT, write=False) as spool:
+        return spool.get(parked), meta["fit"]

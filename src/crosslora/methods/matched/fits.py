@@ -33,6 +33,13 @@ class Ridge:
                 return
         raise Unsupported("the probe activations' Gram matrix is not positive definite")
 
+    @classmethod
+    def from_factor(cls, chol: torch.Tensor) -> Ridge:
+        """A ridge made before, from its Cholesky factor (read back from the pair cache)."""
+        ridge = cls.__new__(cls)
+        ridge.chol = chol
+        return ridge
+
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_solve(rhs.double(), self.chol)
 

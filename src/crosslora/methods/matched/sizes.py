@@ -52,3 +52,14 @@ def fit_bytes(src: Layout, tgt: Layout) -> int:
 
     maps = 2 * src.dims.hidden * tgt.dims.hidden
     return 8 * (squares(tgt, set(INPUT_SPACE.values())) + squares(src, {"mlp_mid"}) + maps)
+
+
+def kept_fit_bytes(src: Layout, tgt: Layout) -> int:
+    """What the fits kept in the pair cache take on disk (float64, every layer): the target's
+    ridge factors for its input spaces, the source's for its MLP neurons and for each q, k, v
+    output, and two residual-stream maps per source layer."""
+    t = sum(n * n for (_, space), n in input_widths(tgt).items())
+    s = sum(n * n for (_, space), n in input_widths(src).items() if space == "mlp_mid")
+    outs = sum(ref.shape[0] ** 2 for ref in src.roles() if ref.role in ("q", "k", "v"))
+    maps = 2 * src.num_layers * src.dims.hidden * tgt.dims.hidden
+    return 8 * (t + s + outs + maps)
