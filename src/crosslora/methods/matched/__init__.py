@@ -135,10 +135,9 @@ class Matched(Method):
         what = (f"the largest phase, {largest}: " + ", ".join(
             f"{k} {gb(v)}" for k, v in phases.items()) + f" (sampling {how}); the activations at "
             f"{positions} probe positions, {gb(sum(a_s) + sum(a_t))}, wait on disk")  # fmt: skip
-        if device.type == "cpu":
-            what += f", and the pair cache keeps the fits, {gb(kept_fit_bytes(src, tgt))}"
         disk = sum(a_s) + sum(a_t)
-        if device.type == "cpu":
+        if device.type == "cpu":  # where the pair cache keeps the fits (``_stored``)
+            what += f", and the pair cache keeps the fits, {gb(kept_fit_bytes(src, tgt))}"
             return MemoryNeed(phases[largest] + RUNTIME_BYTES, 0, what, disk)
         loads = max(s["stored"] if w else s["outside"] + s["layer"] for s, w in zip(sides, whole))
         host = max(loads, 3 * (max(a_s) + max(a_t)))
@@ -386,8 +385,9 @@ def _stored(pair: MatchedPair, what: tuple, make):
     """``make()`` (a ``Ridge``, or a map and its residual), read from the pair cache where an
     earlier adapter for this pair made it (its probe's entry has the same key), else made and
     kept there: a later adapter pays only for its own solves."""
-    if pair.cache is None or pair.fits_key is None:
+    if pair.fits_key is None:  # no cache, a GPU, or no disk for them
         return make()
+    assert pair.cache is not None
     key = entry.fit_key(pair.fits_key, what)
     found = pair.cache.find(key, count=False)
     if found is not None:
