@@ -106,6 +106,10 @@ def main() -> None:
                       "load_average_1min_after": os.getloadavg()[0]}  # fmt: skip
         if name != "single":
             runs[name]["identical_to_single"] = same(args.work / "out" / "single", out)
+            # the fits each task made itself: none, when the preparation made them ahead
+            runs[name]["fits_made_by_each_task"] = [
+                json.loads((sub / "transfer_report.json").read_text())["method_diagnostics"]
+                ["pair_fits"]["made"] for sub in sorted(out.iterdir())]  # fmt: skip
         same_as = runs[name].get("identical_to_single")
         print(f"{name:15} {seconds:7.1f} s  {args.adapters / seconds:.3f} adapters/s"
               + ("" if same_as is None else f"  identical to single: {same_as}"), flush=True)

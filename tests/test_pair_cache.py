@@ -134,17 +134,22 @@ def test_two_runs_preparing_at_once_both_finish(pair, tmp_path):
 
 
 def test_a_pair_prepared_ahead_is_read_by_the_transfers(pair, tmp_path):
-    """``prepare_pair`` (what ``--ray`` runs once before fanning out) fills the cache; the
-    transfer then reads it and writes what a fresh run writes."""
+    """``prepare_pair`` (what ``--ray`` runs once before fanning out) fills the cache with the
+    probe and every fit the adapter's modules read; the transfer then reads them, makes none,
+    and writes what a fresh run writes."""
     from crosslora.pipeline import prepare_pair
 
     options = TransferOptions(params=MatchedParams(**SMALL), cache_dir=str(tmp_path / "cache"))
-    stats = prepare_pair(str(pair[1]), str(pair[2]), options)
+    stats = prepare_pair([str(pair[0])], str(pair[1]), str(pair[2]), options)
     assert stats["made"] == 1 and stats["hits"] == 0
-    again = prepare_pair(str(pair[1]), str(pair[2]), options)
+    uses = sum(stats["pair_fits"].values())  # a fit dropped with its layer is read back later
+    assert stats["pair_fits"]["made"] > 0
+    again = prepare_pair([str(pair[0])], str(pair[1]), str(pair[2]), options)
     assert again["made"] == 0 and again["hits"] == 1
+    assert again["pair_fits"] == {"read": uses, "made": 0}
     report = transfer(*map(str, pair), tmp_path / "out", options, progress=False)
     assert report["pair_cache"]["hits"] == 1 and report["pair_cache"]["made"] == 0
+    assert fits(report) == {"read": uses, "made": 0}  # every one made ahead
     run(pair, tmp_path / "fresh", None)
     assert same(tmp_path / "out", tmp_path / "fresh")
 

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import copy_folder, transfer_argv
-from crosslora import pipeline
 from crosslora.cli import main
 from crosslora.pipeline import TransferOptions, batch_outputs, transfer_batch
 
@@ -116,7 +115,7 @@ def cluster(home, tmp_path_factory):
 
 def test_a_batch_on_a_cluster_is_the_single_process_batch(batch, reference, cluster, tmp_path):
     """The default method through the API, with a cache of its own: the same tensors; the pair
-    is prepared once, before the fan-out, and every task reads it."""
+    and its fits are prepared once, before the fan-out, and every task reads them."""
     from crosslora.cluster import run_on_cluster
 
     adapters, src, tgt = batch
@@ -128,11 +127,11 @@ def test_a_batch_on_a_cluster_is_the_single_process_batch(batch, reference, clus
     assert [r["source_adapter"] for r in reports] == names
     ray_info = reports[0]["ray"]
     assert ray_info["address"] == cluster and ray_info["workers"] == 2
-    if hasattr(pipeline, "prepare_pair"):
-        assert ray_info["pair_prepared"] == 1
-        assert [r["pair_cache"]["made"] for r in reports] == [0, 0, 0]
-    else:  # no pair cache: each of two tasks (one per worker) prepares the pair itself
-        assert ray_info["pair_prepared"] == 2
+    assert ray_info["pair_prepared"] == 1
+    assert [r["pair_cache"]["made"] for r in reports] == [0, 0, 0]
+    uses = sum(ray_info["pair_fits"].values())  # the fits too: made once, ahead
+    assert ray_info["pair_fits"]["made"] > 0
+    assert [r["method_diagnostics"]["pair_fits"] for r in reports] == [{"read": uses, "made": 0}] * 3
 
 
 def test_a_streaming_method_from_relative_paths(batch, reference, cluster, tmp_path,

@@ -81,8 +81,8 @@ def run_on_cluster(
         if memory:
             resources["memory"] = memory
         level, seen = log.getEffectiveLevel(), set()  # log lines from the tasks, shown once
-        prepared = _prepare(ray, resources, source_model, target_model, options, threads, home,
-                            level, seen)  # fmt: skip
+        prepared = _prepare(ray, resources, adapters, source_model, target_model, options,
+                            threads, home, level, seen)  # fmt: skip
         size = 1 if prepared is not None else -(-len(adapters) // workers)
         chunks = [list(range(i, min(i + size, len(adapters))))
                   for i in range(0, len(adapters), size)]  # fmt: skip
@@ -100,7 +100,9 @@ def run_on_cluster(
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only if nothing was written there
     info = {"address": address, "workers": workers,
-            "pair_prepared": len(chunks) if prepared is None else prepared}  # fmt: skip
+            "pair_prepared": len(chunks) if prepared is None else int(bool(prepared["made"]))}
+    if prepared is not None and "pair_fits" in prepared:  # made ahead, once, or read
+        info["pair_fits"] = prepared["pair_fits"]
     for report in reports:
         report["ray"] = dict(info)
     return reports
@@ -213,19 +215,22 @@ def _workers(ray: ModuleType, threads: int, gpu: bool, memory: int, address: str
 
 
 def _prepare(
-    ray: ModuleType, resources: dict[str, Any], source_model: str, target_model: str,
-    options: TransferOptions, threads: int, home: str, level: int, seen: set[str],
-) -> int | None:  # fmt: skip
-    """The pair's preparation made once, on the cluster, into the pair cache: 1 if it was made,
-    0 if the cache had it; None without a pair cache (each task then prepares for itself)."""
-    if not options.cache or not hasattr(pipeline, "prepare_pair"):
+    ray: ModuleType, resources: dict[str, Any], adapters: list[str], source_model: str,
+    target_model: str, options: TransferOptions, threads: int, home: str, level: int,
+    seen: set[str],
+) -> dict | None:  # fmt: skip
+    """The pair's preparation, and the fits the adapters' modules read, made once, on the
+    cluster, into the pair cache: the cache's counts (``prepare_pair``); None without a pair
+    cache (each task then prepares for itself)."""
+    if not options.cache:
         return None
     task = ray.remote(_prepare_task).options(**resources)
-    out = _result(ray, task.remote(source_model, target_model, options, threads, home, level))
+    out = _result(ray, task.remote(adapters, source_model, target_model, options, threads, home,
+                                   level))  # fmt: skip
     if isinstance(out, str):
         raise CrossLoraError(out)
     _show(out["logs"], seen)
-    return int(bool(out["stats"].get("made")))
+    return out["stats"]
 
 
 def _gather(ray: ModuleType, refs: dict[Any, list[int]], adapters: list[str], progress: bool,
@@ -331,13 +336,13 @@ def _task(
 
 
 def _prepare_task(
-    source_model: str, target_model: str, options: TransferOptions, threads: int, home: str,
-    level: int,
+    adapters: list[str], source_model: str, target_model: str, options: TransferOptions,
+    threads: int, home: str, level: int,
 ) -> dict | str:  # fmt: skip
     """The pair's preparation as a Ray task: its stats and log lines, or a user error's line."""
     with _as_driver(threads, home, level) as lines:
         try:
-            stats = pipeline.prepare_pair(source_model, target_model, options)
+            stats = pipeline.prepare_pair(adapters, source_model, target_model, options)
         except CrossLoraError as err:
             return one_line(err)
     return {"stats": stats, "logs": lines}

@@ -141,33 +141,19 @@ def _execute(
     prepared = method.prepare(first.src, first.tgt, device, scratch, cache=bases.pairs)
     for plan in plans:
         plan.diagnostics.update(prepared.diagnostics)
-    groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}
-    for i, plan in enumerate(plans):
-        for task in plan.tasks:
-            groups.setdefault(_pair_id(task), []).append((i, task))
-    order = sorted(groups, key=lambda pid: _read_order(first, groups[pid][0][1]))
     done: list[dict[tuple, ModuleResult]] = [{} for _ in plans]
     total = sum(len(p.tasks) for p in plans)
     desc = f"transfer ({plans[0].method})" + (f", {len(plans)} adapters" if len(plans) > 1 else "")
     bar = tqdm(total=total, desc=desc, unit="module", disable=not progress)
     with bar, logging_redirect_tqdm(loggers=[log]):  # warnings on their own lines, not the bar's
-        for pid in order:
-            members = groups[pid]
-            task0 = members[0][1]
-            ctx = ModuleContext(
-                task0.src.shape, task0.tgt.shape, device, plans[0].truncation_rank,
-                _weight_loader(first.src, task0.src, device),
-                _weight_loader(first.tgt, task0.tgt, device),
-                task0.src, task0.tgt, first.src, first.tgt, bases.svd,
-                _basis_source(first, task0, device, bases),
-            )  # fmt: skip
+        for members, ctx in _contexts(first, plans, device, bases):
             for i, task in members:
                 res = _run_task(batch[i], method, prepared, task, plans[i], ctx)
                 res.spool = spool
                 res.factors = res.stored  # parked, if there is a spool
                 done[i][_pair_id(task)] = res
                 bar.update()
-            del ctx  # this pair's weights and bases go now: nothing is held across layers
+            del ctx  # this pair's weights and bases go before the next pair's load
     results = [[done[i][_pair_id(t)] for t in plan.tasks] for i, plan in enumerate(plans)]
     for inputs, plan, res in zip(batch, plans, results):
         if any(r.skipped is None for r in res):
@@ -176,6 +162,55 @@ def _execute(
                 apply_calibration(res, calibration)
                 plan.diagnostics.update(calibration.diagnostics)
     return results
+
+
+def prepare_modules(
+    method: Method, batch: list[Inputs], plans: list[TransferPlan], device: torch.device,
+    bases: BasisSettings, progress: bool = True,
+) -> Prepared:  # fmt: skip
+    """The method's preparation of the pair and what each module of these plans makes that a
+    later adapter reads (``Method.prepare_module``), kept in ``bases.pairs``; no adapter is
+    transferred. Run once before a collection fans out, so that no task makes them again."""
+    first = batch[0]
+    with Spool() as scratch:
+        prepared = method.prepare(first.src, first.tgt, device, scratch, cache=bases.pairs)
+        bar = tqdm(total=len(_groups(first, plans)), desc=f"prepare ({plans[0].method})",
+                   unit="module", disable=not progress)  # fmt: skip
+        with bar, logging_redirect_tqdm(loggers=[log]):
+            for _members, ctx in _contexts(first, plans, device, bases):
+                method.prepare_module(ctx, prepared)
+                bar.update()
+                del ctx
+    return prepared
+
+
+def _groups(first: Inputs, plans: list[TransferPlan]) -> list[list[tuple[int, ModuleTask]]]:
+    """The plans' tasks grouped by (source, target) role pair, in read order (``_read_order``):
+    each group's members as (plan index, task)."""
+    groups: dict[tuple, list[tuple[int, ModuleTask]]] = {}
+    for i, plan in enumerate(plans):
+        for task in plan.tasks:
+            groups.setdefault(_pair_id(task), []).append((i, task))
+    order = sorted(groups, key=lambda pid: _read_order(first, groups[pid][0][1]))
+    return [groups[pid] for pid in order]
+
+
+def _contexts(
+    first: Inputs, plans: list[TransferPlan], device: torch.device, bases: BasisSettings
+) -> Iterator[tuple[list[tuple[int, ModuleTask]], ModuleContext]]:
+    """Each role pair's tasks and its context (its weights and bases loaded on first use),
+    dropped once the caller moves on: nothing is held across layers."""
+    for members in _groups(first, plans):
+        task0 = members[0][1]
+        ctx = ModuleContext(
+            task0.src.shape, task0.tgt.shape, device, plans[0].truncation_rank,
+            _weight_loader(first.src, task0.src, device),
+            _weight_loader(first.tgt, task0.tgt, device),
+            task0.src, task0.tgt, first.src, first.tgt, bases.svd,
+            _basis_source(first, task0, device, bases),
+        )  # fmt: skip
+        yield members, ctx
+        del ctx  # the caller drops its own before the next pair's weights load
 
 
 def apply_calibration(results: list[ModuleResult], calibration: Calibration) -> None:

@@ -12,15 +12,19 @@ from pathlib import Path
 
 import torch
 
-from crosslora.arch.layout import Layout
 from crosslora.basis_cache import BasisCache, default_cache_dir
 from crosslora.core import Inputs, ModuleResult
 from crosslora.device import resolve_device
 from crosslora.draws import check_draws, run_draws
 from crosslora.errors import CrossLoraError
-from crosslora.execute import CACHE_MIN_ELEMENTS, BasisSettings, adapted_modules, assemble
+from crosslora.execute import (
+    CACHE_MIN_ELEMENTS,
+    BasisSettings,
+    adapted_modules,
+    assemble,
+    prepare_modules,
+)
 from crosslora.heap import return_large_frees
-from crosslora.io.checkpoint import Checkpoint
 from crosslora.io.output import OutputClaim, check_separate, claim_outputs, output_filesystem
 from crosslora.io.peft_adapter import target_modules_for, write_adapter
 from crosslora.io.spool import Spool
@@ -140,19 +144,24 @@ def plan_transfers(
     return batch, plans
 
 
-def prepare_pair(source_model: str, target_model: str, options: TransferOptions) -> dict:
-    """Make the method's preparation of this pair and keep it in the pair cache (``--cache``), so
-    that every later transfer between them, here or on a Ray worker, reads it; nothing is
-    written elsewhere. Returns the cache's counts (``made``: 1 if made here, 0 if found)."""
+def prepare_pair(
+    adapters: list[str], source_model: str, target_model: str, options: TransferOptions,
+    progress: bool = False,
+) -> dict:  # fmt: skip
+    """Make the method's preparation of this pair, and what each module of these adapters makes
+    that a later adapter reads (``matched``: its fits), and keep them in the pair cache
+    (``--cache``), so that every later transfer between the two models, here or on a Ray
+    worker, reads them; nothing else is written and no adapter is transferred. Returns the
+    cache's counts (``made``: 1 if the probe was made here, 0 if found) and the method's own
+    (``matched``: ``pair_fits``, read and made)."""
     method, device = check_options(options)
     if not options.cache:
         raise CrossLoraError("preparing a pair ahead needs the cache (it is where it is kept)")
-    src = Layout(Checkpoint(source_model, "source model"), "source model")
-    tgt = Layout(Checkpoint(target_model, "target model"), "target model")
     pairs = PairCache(pair_dir(options))
-    with Spool() as scratch:
-        method.prepare(src, tgt, device, scratch, cache=pairs)
-    return pairs.stats()
+    batch, plans = plan_transfers(adapters, source_model, target_model, options)
+    prepared = prepare_modules(method, batch, plans, device, BasisSettings(pairs=pairs), progress)
+    fits = getattr(prepared, "fits_counted", None)
+    return {**pairs.stats(), **({"pair_fits": dict(fits)} if fits is not None else {})}
 
 
 def run_transfers(

@@ -165,6 +165,11 @@ class Method:
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         raise NotImplementedError
 
+    def prepare_module(self, ctx: ModuleContext, prepared: Prepared) -> None:
+        """Make, for this module, what ``transfer`` would make that does not depend on the
+        adapter and that ``prepare``'s cache keeps for later adapters (nothing by default): run
+        once ahead of a collection, so that its tasks only read it."""
+
     def calibrate(
         self, inputs: Inputs, results: list[ModuleResult], prepared: Prepared
     ) -> Calibration | None:

@@ -326,46 +326,62 @@ class Matched(Method):
         })  # fmt: skip
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, pair: MatchedPair) -> MethodOutput:
+        assert ctx.src
+        src, tgt, ridge_t, out_map = self._fits(ctx, pair)
+        A = lora.A.to(pair.device)
+        feats = src.x.double() @ A.double().mT  # (N, r): what the adapter reads on the source
+        a_t = ridge_t.solve(tgt.x.double().mT @ feats).mT  # (r, n_t)
+        in_fit = rel(tgt.x.double() @ a_t.mT, feats)
+        if ctx.src.role in ("o", "down"):  # B_t = M B_s, M the map between write coordinates
+            m, fit = out_map
+            b_t = m @ lora.B.to(pair.device).double()
+            return output(a_t, b_t, lora, src, tgt, in_fit, fit)
+        ridge, y_s, y_t = out_map
+        b_t = map_output(y_s, y_t, ridge, lora.B.to(pair.device))
+        return output(a_t, b_t, lora, src, tgt, in_fit, out_fit(y_s, y_t, ridge))
+
+    def prepare_module(self, ctx: ModuleContext, pair: MatchedPair) -> None:
+        """This module's fits, made and kept in the pair cache (where it keeps fits)."""
+        if pair.fits_key is not None:
+            self._fits(ctx, pair)
+
+    def _fits(self, ctx: ModuleContext, pair: MatchedPair):
+        """What a module's transfer needs besides the adapter: the base modules' outputs on the
+        probe (``Probe``, (N, m)), the input-space ridge on the target, and the output side's map:
+        for o and down the Procrustes map between the residual streams' write coordinates and its
+        residual; else the ridge and the two output spaces it maps between (q, k, v: the modules'
+        outputs; gate, up: the neuron space, its activations span all of it)."""
         assert ctx.src and ctx.tgt and pair.acts_s and pair.acts_t
         role, ls, lt = ctx.src.role, ctx.src.layer, ctx.tgt.layer
         space, dev, alpha = INPUT_SPACE[role], pair.device, self.params.alpha
         x_s = pair.acts_s.inputs[(ls, space)].to(dev)
         x_t = pair.acts_t.inputs[(lt, space)].to(dev)
-        A, B = lora.A.to(dev), lora.B.to(dev)
-        # the base modules' outputs on the probe, (N, m): the q/k/v output spaces, the sizes
         src = Probe(x_s, x_s @ ctx.src_weight().to(dev).mT)
         tgt = Probe(x_t, x_t @ ctx.tgt_weight().to(dev).mT)
-        feats = x_s.double() @ A.double().mT  # (N, r): what the adapter reads on the source
         ridge_t = _fit(pair, ("in", lt, space), lambda: Ridge(x_t, alpha), None, lt)
-        a_t = ridge_t.solve(x_t.double().mT @ feats).mT  # (r, n_t)
-        in_fit = rel(x_t.double() @ a_t.mT, feats)
         if role in ("o", "down"):
-            return self._residual_write(lora, ctx, pair, a_t, in_fit, src, tgt)
-        if role in ("gate", "up"):  # the neuron space: its activations span all of it
+            return src, tgt, ridge_t, self._residual_map(ctx, pair, src, tgt)
+        if role in ("gate", "up"):
             y_s = pair.acts_s.inputs[(ls, "mlp_mid")].to(dev)
             y_t = pair.acts_t.inputs[(lt, "mlp_mid")].to(dev)
             ridge = _fit(pair, ("mid", ls, lt), lambda: Ridge(y_s, alpha), ls, lt)
         else:  # one per module, not held: the next module reads other outputs
             y_s, y_t = src.y, tgt.y
             ridge = _stored(pair, ("out", ls, role), lambda: Ridge(y_s, alpha))
-        b_t = map_output(y_s, y_t, ridge, B)
-        return output(a_t, b_t, lora, src, tgt, in_fit, out_fit(y_s, y_t, ridge))
+        return src, tgt, ridge_t, (ridge, y_s, y_t)
 
-    def _residual_write(self, lora: LoraFactors, ctx: ModuleContext, pair: MatchedPair, a_t,
-                        in_fit: float, src: Probe, tgt: Probe) -> MethodOutput:  # fmt: skip
-        """o and down: ``B_t = M B_s``, ``M`` the Procrustes map between the two sides' write
-        coordinates (docs/methods.md)."""
+    def _residual_map(self, ctx: ModuleContext, pair: MatchedPair, src: Probe, tgt: Probe):
+        """o and down: the Procrustes map ``M`` between the two sides' write coordinates and its
+        residual (docs/methods.md)."""
         assert ctx.src and ctx.tgt and ctx.src_layout and ctx.tgt_layout
         ls, lt, role = ctx.src.layer, ctx.tgt.layer, ctx.src.role
         g_s = ctx.src_layout.norm_gain(POST_NORM[role], ls)
         g_t = ctx.tgt_layout.norm_gain(POST_NORM[role], lt)
         post_norm = g_s is not None or g_t is not None  # without, o and down share the map
-        m, fit = _fit(pair, ("res", ls, lt, role if post_norm else None), lambda: procrustes(
+        return _fit(pair, ("res", ls, lt, role if post_norm else None), lambda: procrustes(
             _write_coords(pair, pair.acts_s, ctx.src_layout, ls, g_s, src),
             _write_coords(pair, pair.acts_t, ctx.tgt_layout, lt, g_t, tgt),
         ), ls, lt)  # fmt: skip
-        b_t = m @ lora.B.to(pair.device).double()
-        return output(a_t, b_t, lora, src, tgt, in_fit, fit)
 
 
 def _fit(pair: MatchedPair, key: tuple, make, ls: int | None, lt: int):
