@@ -193,23 +193,37 @@ def test_available_memory_is_memavailable_plus_free_swap(tmp_path, monkeypatch):
 
 def test_matched_holds_one_layers_fits_within_its_estimate(tiny_model, tiny_adapter, tmp_path,
                                                            monkeypatch):  # fmt: skip
-    """Fits of layers already done are dropped; what is held never exceeds ``_fit_bytes``."""
+    """Fits of layers already done are dropped; what is held, with the Gram matrix and factor of
+    the ridge being made, never exceeds ``fit_bytes``."""
     import crosslora.methods.matched as matched
 
     held: list[tuple[set, int]] = []
-    fit = matched._fit
+    making: list[int] = []  # held, and the new ridge's Gram matrix and factor (float64)
+    fit, ridge, now = matched._fit, matched.Ridge, {}
+
+    def in_fits(pair) -> int:
+        values = [v for _, _, v in pair.fits.values()]
+        return sum((v.chol if isinstance(v, ridge) else v[0]).nbytes for v in values)
 
     def spy(pair, key, make, ls, lt):
+        now["pair"] = pair
         value = fit(pair, key, make, ls, lt)
-        values = [v for _, _, v in pair.fits.values()]
-        tensors = [v.chol if isinstance(v, matched.Ridge) else v[0] for v in values]
-        held.append(({(s, t) for s, t, _ in pair.fits.values()}, sum(t.nbytes for t in tensors)))
+        held.append(({(s, t) for s, t, _ in pair.fits.values()}, in_fits(pair)))
         return value
 
+    class Made(ridge):
+        def __init__(self, x, alpha):
+            making.append(in_fits(now["pair"]) + 16 * x.shape[1] ** 2)
+            super().__init__(x, alpha)
+
     monkeypatch.setattr(matched, "_fit", spy)
+    monkeypatch.setattr(matched, "Ridge", Made)
     src, tgt = tiny_model("llama-deep"), tiny_model("gemma3_text")
-    argv = transfer_argv(tiny_adapter("llama-deep"), src, tgt, tmp_path / "o", None, "-q")
+    argv = transfer_argv(tiny_adapter("llama-deep"), src, tgt, tmp_path / "o", None, "-q",
+                         "--no-cache")  # every fit made here  # fmt: skip
     assert main(argv) == 0  # the default method: matched
-    assert held and max(b for _, b in held) <= fit_bytes(*layouts(src, tgt))
+    limit = fit_bytes(*layouts(src, tgt))
+    assert held and max(b for _, b in held) <= limit
+    assert making and max(making) <= limit
     assert all(len({t for _, t in scopes}) == 1 for scopes, _ in held)  # one target layer
     assert len({t for scopes, _ in held for _, t in scopes}) > 1  # and several in turn

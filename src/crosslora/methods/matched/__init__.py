@@ -109,9 +109,10 @@ class Matched(Method):
         (bfloat16 for most) and its key/value cache, whole where it fits in what is free, else
         one layer at a time (``sampling.sampler``); reading it one decoder layer at a time in
         float32 (the model without its layers, one layer, every text's hidden states); the fits,
-        one layer's activations at the aligned positions (float32 and float64) and their Gram
-        factors; the calibration, both models without their layers, one layer, the hidden states
-        of up to 9 variants of the calibration texts, and 4 texts' logits. The activations wait
+        one layer's activations at the aligned positions (float32 and float64) and the fits held
+        while the widest is factorised (``sizes.fit_bytes``); the calibration, both models
+        without their layers, one layer, the hidden states of up to 9 variants of the
+        calibration texts, and 4 texts' logits. The activations wait
         on disk beside the output. On a GPU all of it is there, and the host holds what loads
         (a model as stored, or a layer) or a layer's activations."""
         p = self.params

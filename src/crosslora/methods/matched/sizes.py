@@ -41,17 +41,24 @@ def shares(layout: Layout, p: MatchedParams) -> dict[str, int]:
 
 
 def fit_bytes(src: Layout, tgt: Layout) -> int:
-    """The float64 fits ``_fit`` holds for one layer at most: the target's ridge factors for every
-    input space it reads, the source's for its MLP neurons, and the writers' two maps."""
+    """The float64 fits ``_fit`` holds at their peak: a target layer's ridge factors for every
+    input space it reads, while the widest of them is factorised (its Gram matrix beside its
+    factor), or, before that one is made, the others while the source's MLP-neuron ridge is
+    factorised (its Gram and factor); and the writers' two maps."""
 
-    def squares(layout: Layout, spaces: set[str]) -> int:
-        per_layer = [0] * layout.num_layers
+    def widths(layout: Layout, spaces: set[str]) -> list[list[int]]:
+        per_layer: list[list[int]] = [[] for _ in range(layout.num_layers)]
         for (layer, space), n in input_widths(layout).items():
-            per_layer[layer] += n * n if space in spaces else 0
-        return max(per_layer, default=0)
+            if space in spaces:
+                per_layer[layer].append(n)
+        return per_layer
 
-    maps = 2 * src.dims.hidden * tgt.dims.hidden
-    return 8 * (squares(tgt, set(INPUT_SPACE.values())) + squares(src, {"mlp_mid"}) + maps)
+    mid = max((n for ns in widths(src, {"mlp_mid"}) for n in ns), default=0)
+    peak = 0
+    for ns in widths(tgt, set(INPUT_SPACE.values())):
+        held, widest = sum(n * n for n in ns), max(ns, default=0) ** 2
+        peak = max(peak, held + widest, held - widest + 2 * mid * mid)
+    return 8 * (peak + 2 * src.dims.hidden * tgt.dims.hidden)
 
 
 def kept_fit_bytes(src: Layout, tgt: Layout) -> int:
