@@ -146,14 +146,13 @@ def _execute(
     desc = f"transfer ({plans[0].method})" + (f", {len(plans)} adapters" if len(plans) > 1 else "")
     bar = tqdm(total=total, desc=desc, unit="module", disable=not progress)
     with bar, logging_redirect_tqdm(loggers=[log]):  # warnings on their own lines, not the bar's
-        for members, ctx in _contexts(first, plans, device, bases):
+        for members, ctx in _contexts(first, _groups(first, plans), plans, device, bases):
             for i, task in members:
                 res = _run_task(batch[i], method, prepared, task, plans[i], ctx)
                 res.spool = spool
                 res.factors = res.stored  # parked, if there is a spool
                 done[i][_pair_id(task)] = res
                 bar.update()
-            del ctx  # this pair's weights and bases go before the next pair's load
     results = [[done[i][_pair_id(t)] for t in plan.tasks] for i, plan in enumerate(plans)]
     for inputs, plan, res in zip(batch, plans, results):
         if any(r.skipped is None for r in res):
@@ -174,13 +173,13 @@ def prepare_modules(
     first = batch[0]
     with Spool() as scratch:
         prepared = method.prepare(first.src, first.tgt, device, scratch, cache=bases.pairs)
-        bar = tqdm(total=len(_groups(first, plans)), desc=f"prepare ({plans[0].method})",
-                   unit="module", disable=not progress)  # fmt: skip
+        groups = _groups(first, plans)
+        bar = tqdm(total=len(groups), desc=f"prepare ({plans[0].method})", unit="module",
+                   disable=not progress)  # fmt: skip
         with bar, logging_redirect_tqdm(loggers=[log]):
-            for _members, ctx in _contexts(first, plans, device, bases):
+            for _members, ctx in _contexts(first, groups, plans, device, bases):
                 method.prepare_module(ctx, prepared)
                 bar.update()
-                del ctx
     return prepared
 
 
@@ -196,11 +195,13 @@ def _groups(first: Inputs, plans: list[TransferPlan]) -> list[list[tuple[int, Mo
 
 
 def _contexts(
-    first: Inputs, plans: list[TransferPlan], device: torch.device, bases: BasisSettings
-) -> Iterator[tuple[list[tuple[int, ModuleTask]], ModuleContext]]:
-    """Each role pair's tasks and its context (its weights and bases loaded on first use),
-    dropped once the caller moves on: nothing is held across layers."""
-    for members in _groups(first, plans):
+    first: Inputs, groups: list[list[tuple[int, ModuleTask]]], plans: list[TransferPlan],
+    device: torch.device, bases: BasisSettings,
+) -> Iterator[tuple[list[tuple[int, ModuleTask]], ModuleContext]]:  # fmt: skip
+    """Each group's tasks (``_groups``) and its context. A context loads its weights and bases
+    on first use, so the caller's previous one is gone (rebound) before the next one loads:
+    nothing is held across role pairs."""
+    for members in groups:
         task0 = members[0][1]
         ctx = ModuleContext(
             task0.src.shape, task0.tgt.shape, device, plans[0].truncation_rank,
@@ -210,7 +211,7 @@ def _contexts(
             _basis_source(first, task0, device, bases),
         )  # fmt: skip
         yield members, ctx
-        del ctx  # the caller drops its own before the next pair's weights load
+        del ctx
 
 
 def apply_calibration(results: list[ModuleResult], calibration: Calibration) -> None:
