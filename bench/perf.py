@@ -729,25 +729,24 @@ def estimate(adapter: Path, src: Path, tgt: Path, probe: dict | None) -> dict:
     params = MatchedParams(**probe) if probe else MatchedParams()
     options = TransferOptions(method="matched", params=params, cache=False, device="cpu")
     (inputs,), (plan,) = plan_transfers([str(adapter)], str(src), str(tgt), options)
-    shapes = [(t.src.shape, t.tgt.shape) for t in plan.tasks]
     return {**need_dict(plan.memory), "plan_seconds": round(plan.seconds, 1),
-            "phase_flops": phase_flops(inputs.src, inputs.tgt, shapes, params)}  # fmt: skip
+            "phase_flops": phase_flops(inputs.src, inputs.tgt, plan.tasks, params)}  # fmt: skip
 
 
-def phase_flops(src, tgt, shapes: list, p) -> dict:
+def phase_flops(src, tgt, tasks: list, p) -> dict:
     """``Matched.flops`` split by phase, the parts that grow with the probe only: sampling and
     reading ∝ texts × tokens, calibration ∝ calibration texts × tokens, the fits' Gram products
     ∝ positions (their factorisations, O(n³) per layer, do not grow with the probe and are not
     counted here)."""
     from crosslora.memory import parameter_bytes
-    from crosslora.methods.matched import SAMPLED_PER_KEPT
+    from crosslora.methods.matched import SAMPLED_PER_KEPT, distinct_fits
 
     w_s, w_t = parameter_bytes(src.checkpoint, 1), parameter_bytes(tgt.checkpoint, 1)
     tokens = p.n_texts * p.text_tokens
     return {
         "sampling": 2 * (w_s + w_t) * tokens / 2 * SAMPLED_PER_KEPT,
         "reading": 2 * (w_s + w_t) * tokens,
-        "fits": sum(2 * tokens * (n_t**2 + m_s**2) for (m_s, _), (_, n_t) in shapes),
+        "fits": sum(2 * tokens * m * n for m, n in distinct_fits(src, tgt, tasks)),
         "calibration": 2 * (2 * w_s + 11 * w_t) * p.calibration_texts * p.text_tokens,
     }
 

@@ -227,3 +227,31 @@ def test_matched_holds_one_layers_fits_within_its_estimate(tiny_model, tiny_adap
     assert making and max(making) <= limit
     assert all(len({t for _, t in scopes}) == 1 for scopes, _ in held)  # one target layer
     assert len({t for scopes, _ in held for _, t in scopes}) > 1  # and several in turn
+
+
+def test_matched_makes_each_fit_once(tiny_model, tiny_adapter, tmp_path, monkeypatch):
+    """Without the pair cache (and on a GPU, which keeps no fits) every fit a layer's modules
+    share is made once: the MLP-neuron ridge serves gate and up, the residual-stream map o and
+    down, and neither is dropped between its users. The plan's time counts the same fits."""
+    import crosslora.methods.matched as matched
+    from crosslora.pipeline import TransferOptions, plan_transfers
+
+    made: list[tuple] = []
+    stored = matched._stored
+
+    def spy(pair, what, make):
+        made.append(what)
+        return stored(pair, what, make)
+
+    monkeypatch.setattr(matched, "_stored", spy)
+    for source, target in (("llama-deep", "gemma3_text"), ("llama", "mistral")):
+        made.clear()
+        src, tgt, adapter = tiny_model(source), tiny_model(target), tiny_adapter(source)
+        argv = transfer_argv(adapter, src, tgt, tmp_path / target, None, "-q", "--no-cache")
+        assert main(argv) == 0
+        shared = [w for w in made if w[0] in ("in", "mid", "res")]
+        assert any(w[0] == "mid" for w in shared) and any(w[0] == "res" for w in shared)
+        assert len(shared) == len(set(shared)), sorted(w for w in shared if shared.count(w) > 1)
+        options = TransferOptions(method="matched", cache=False)
+        (inputs,), (plan,) = plan_transfers([str(adapter)], str(src), str(tgt), options)
+        assert len(matched.distinct_fits(inputs.src, inputs.tgt, plan.tasks)) == len(made)

@@ -219,7 +219,7 @@ def plan_transfer(
         raise CrossLoraError(f"nothing to transfer with method {method}{first}")
     tasks.sort(key=lambda t: (t.src.layer, ROLES.index(t.src.role)))
     memory = meth.memory(src, tgt, device)
-    work = meth.flops(src, tgt, [(t.src.shape, t.tgt.shape) for t in tasks], truncation_rank)
+    work = meth.flops(src, tgt, tasks, truncation_rank)
     seconds = seconds_for(work, device) if any(work) else 0.0
     return TransferPlan(method, lmap, truncation_rank, tasks, skipped, memory=memory,
                         seconds=seconds)  # fmt: skip

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from crosslora.arch.layout import Layout, RoleRef
-from crosslora.core import Inputs, ModuleResult
+from crosslora.core import Inputs, ModuleResult, ModuleTask
 from crosslora.io.spool import Spool
 from crosslora.linalg import DEFAULT_SVD, svd_bases
 from crosslora.lora import LoraFactors
@@ -140,13 +140,11 @@ class Method:
         weights takes, or None when that is all (the default)."""
         return None
 
-    def flops(
-        self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
-        truncation_rank: int | None,
-    ) -> Work:  # fmt: skip
-        """About how many operations the transfer costs (float32 products, float64
-        factorisations), for the plan's time estimate; ``shapes`` are the tasks' (source, target)
-        (out, in). Default: nothing worth counting (the factors alone)."""
+    def flops(self, src: Layout, tgt: Layout, tasks: list[ModuleTask],
+              truncation_rank: int | None) -> Work:  # fmt: skip
+        """About how many operations the transfer of ``tasks`` costs (float32 products, float64
+        factorisations), for the plan's time estimate. Default: nothing worth counting (the
+        factors alone)."""
         return Work()
 
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:

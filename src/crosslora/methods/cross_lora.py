@@ -24,6 +24,7 @@ in the truncated source subspaces.
 from __future__ import annotations
 
 from crosslora.arch.layout import Layout
+from crosslora.core import ModuleTask
 from crosslora.lora import LoraFactors
 from crosslora.methods.base import (
     Method,
@@ -42,11 +43,9 @@ class CrossLora(Method):
     recovered = 0.001  # docs/results.md, the six-pair table
     truncates = True
 
-    def flops(
-        self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
-        truncation_rank: int | None,
-    ) -> Work:  # fmt: skip
-        return Work(svd_flops(shapes, truncation_rank))
+    def flops(self, src: Layout, tgt: Layout, tasks: list[ModuleTask],
+              truncation_rank: int | None) -> Work:  # fmt: skip
+        return Work(svd_flops([(t.src.shape, t.tgt.shape) for t in tasks], truncation_rank))
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         (m, n), (mt, nt) = ctx.src_shape, ctx.tgt_shape

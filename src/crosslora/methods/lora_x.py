@@ -9,6 +9,7 @@ raise the rank), so the re-factorisation is an exact, balanced SVD of that produ
 from __future__ import annotations
 
 from crosslora.arch.layout import Layout
+from crosslora.core import ModuleTask
 from crosslora.lora import LoraFactors, refactor
 from crosslora.methods.base import (
     Method,
@@ -30,11 +31,9 @@ class LoraX(Method):
     def check(self, src_shape: tuple[int, int], tgt_shape: tuple[int, int]) -> str | None:
         return same_shapes(src_shape, tgt_shape)
 
-    def flops(
-        self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
-        truncation_rank: int | None,
-    ) -> Work:  # fmt: skip
-        return Work(svd_flops([(t, t) for _, t in shapes], truncation_rank) / 2)
+    def flops(self, src: Layout, tgt: Layout, tasks: list[ModuleTask],
+              truncation_rank: int | None) -> Work:  # fmt: skip
+        return Work(svd_flops([(t.tgt.shape, t.tgt.shape) for t in tasks], truncation_rank) / 2)
 
     def transfer(self, lora: LoraFactors, ctx: ModuleContext, prepared: Prepared) -> MethodOutput:
         m, n = ctx.tgt_shape

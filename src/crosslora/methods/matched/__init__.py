@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from crosslora.arch.layout import ROLES, Layout
-from crosslora.core import Inputs, ModuleResult, source_updates
+from crosslora.core import Inputs, ModuleResult, ModuleTask, source_updates
 from crosslora.errors import CrossLoraError
 from crosslora.io.pretrained import require_tokenizer
 from crosslora.io.spool import Spool
@@ -67,6 +67,11 @@ log = logging.getLogger("crosslora")
 
 POST_NORM = {"o": "post_attn_norm", "down": "post_mlp_norm"}  # family fields (Gemma 2/3)
 SAMPLED_PER_KEPT = 1.3  # probe texts sampled per text kept, on average (the plan's time estimate)
+# a float64 SVD of an n x n matrix, in n³ operations at the rate a 1024 x 1024 Cholesky runs
+# (``speed.factorisation_flops``): n = 4096 took 24.1 s on one thread of this project's 2-core
+# CPU, whose 1024 Cholesky ran at 26.3 GFLOP/s (larger Cholesky factors run faster, 60-73 GFLOP/s
+# at 11008 and 14336, so the estimate counts those about 2.5 times too slow)
+SVD_CUBES = 9
 
 
 @dataclass
@@ -144,12 +149,10 @@ class Matched(Method):
         host = max(loads, 3 * (max(a_s) + max(a_t)))
         return MemoryNeed(host + RUNTIME_BYTES, phases[largest], what, disk)
 
-    def flops(
-        self, src: Layout, tgt: Layout, shapes: list[tuple[tuple[int, int], tuple[int, int]]],
-        truncation_rank: int | None,
-    ) -> Work:  # fmt: skip
-        """Sampling the probe text, reading it (both models), the fits (per module: the Gram
-        matrices of what it reads and writes, and their float64 Cholesky factors) and the
+    def flops(self, src: Layout, tgt: Layout, tasks: list[ModuleTask],
+              truncation_rank: int | None) -> Work:  # fmt: skip
+        """Sampling the probe text, reading it (both models), the fits (each made once: its Gram
+        matrix, and its float64 Cholesky factor or, for a residual-stream map, its SVD) and the
         calibration's passes (the source twice, the target 4 + 7 roles times, over the
         calibration texts)."""
         p = self.params
@@ -158,8 +161,10 @@ class Matched(Method):
         sample = 2 * (w_s + w_t) * tokens / 2 * SAMPLED_PER_KEPT
         read = 2 * (w_s + w_t) * tokens
         calibrate = 2 * (2 * w_s + 11 * w_t) * p.calibration_texts * p.text_tokens
-        grams = sum(2 * tokens * (n_t**2 + m_s**2) for (m_s, _), (_, n_t) in shapes)
-        factors = sum((n_t**3 + m_s**3) / 3 for (m_s, _), (_, n_t) in shapes)
+        fits = distinct_fits(src, tgt, tasks)
+        grams = sum(2 * tokens * m * n for m, n in fits)
+        factors = sum(n**3 / 3 if m == n else SVD_CUBES * min(m, n) ** 2 * max(m, n)
+                      for m, n in fits)  # fmt: skip
         return Work(sample + read + calibrate + grams, factors)
 
     def prepare(
@@ -359,6 +364,9 @@ class Matched(Method):
         x_t = pair.acts_t.inputs[(lt, space)].to(dev)
         src = Probe(x_s, x_s @ ctx.src_weight().to(dev).mT)
         tgt = Probe(x_t, x_t @ ctx.tgt_weight().to(dev).mT)
+        if role == "down":  # gate and up, before it, were the MLP-neuron ridge's last users
+            for k in [k for k in pair.fits if k[0] == "mid"]:
+                del pair.fits[k]
         ridge_t = _fit(pair, ("in", lt, space), lambda: Ridge(x_t, alpha), None, lt)
         if role in ("o", "down"):
             return src, tgt, ridge_t, self._residual_map(ctx, pair, src, tgt)
@@ -385,13 +393,39 @@ class Matched(Method):
         ), ls, lt)  # fmt: skip
 
 
+def distinct_fits(src: Layout, tgt: Layout, tasks: list[ModuleTask]) -> list[tuple[int, int]]:
+    """The fits a transfer of ``tasks`` makes, each once (``Matched._fits``): a ridge of width n
+    as ``(n, n)``, a residual-stream map between widths m_t and m_s as ``(m_t, m_s)``."""
+    seen: dict[tuple, tuple[int, int]] = {}
+    for t in tasks:
+        role, ls, lt = t.src.role, t.src.layer, t.tgt.layer
+        n_t = t.tgt.shape[1]
+        seen[("in", lt, INPUT_SPACE[role])] = (n_t, n_t)
+        if role in ("o", "down"):
+            post = any(_has_norm(x, POST_NORM[role], i) for x, i in ((src, ls), (tgt, lt)))
+            seen[("res", ls, lt, role if post else None)] = (tgt.dims.hidden, src.dims.hidden)
+        elif role in ("gate", "up"):
+            seen[("mid", ls, lt)] = (t.src.shape[0], t.src.shape[0])
+        else:
+            seen[("out", ls, role)] = (t.src.shape[0], t.src.shape[0])
+    return list(seen.values())
+
+
+def _has_norm(layout: Layout, field: str, layer: int) -> bool:
+    """Whether layer ``layer`` has the norm a family field names (``Layout.norm_gain``)."""
+    name = layout.family.data.get(field)
+    path = f"{layout.family.layers}.{layer}.{name}"
+    return bool(name) and layout.checkpoint.find(path) is not None
+
+
 def _fit(pair: MatchedPair, key: tuple, make, ls: int | None, lt: int):
     """A fit shared by the modules (and adapters) that use the same activations: of target layer
     ``lt``, and of source layer ``ls`` unless None. Modules come in layer order, so a fit of
     another layer is not needed again: it is dropped, and one layer's fits at most are held
-    (``Matched.memory``)."""
+    (``Matched.memory``). A fit of the source layer stays while a target-only one is asked for
+    (gate and up share the MLP-neuron ridge, o and down the residual map)."""
     for k in [k for k, (l_s, l_t, _) in pair.fits.items()
-              if l_t != lt or (l_s is not None and l_s != ls)]:  # fmt: skip
+              if l_t != lt or (ls is not None and l_s is not None and l_s != ls)]:  # fmt: skip
         del pair.fits[k]
     if key not in pair.fits:
         pair.fits[key] = (ls, lt, _stored(pair, key, make))

@@ -44,7 +44,8 @@ def fit_bytes(src: Layout, tgt: Layout) -> int:
     """The float64 fits ``_fit`` holds at their peak: a target layer's ridge factors for every
     input space it reads, while the widest of them is factorised (its Gram matrix beside its
     factor), or, before that one is made, the others while the source's MLP-neuron ridge is
-    factorised (its Gram and factor); and the writers' two maps."""
+    factorised (its Gram and factor); from a deeper source, whose later layers reach a target
+    layer whose ridges are all made, all of them while it is; and the writers' two maps."""
 
     def widths(layout: Layout, spaces: set[str]) -> list[list[int]]:
         per_layer: list[list[int]] = [[] for _ in range(layout.num_layers)]
@@ -54,10 +55,10 @@ def fit_bytes(src: Layout, tgt: Layout) -> int:
         return per_layer
 
     mid = max((n for ns in widths(src, {"mlp_mid"}) for n in ns), default=0)
-    peak = 0
+    peak, deeper = 0, src.num_layers > tgt.num_layers
     for ns in widths(tgt, set(INPUT_SPACE.values())):
         held, widest = sum(n * n for n in ns), max(ns, default=0) ** 2
-        peak = max(peak, held + widest, held - widest + 2 * mid * mid)
+        peak = max(peak, held + widest, held - (0 if deeper else widest) + 2 * mid * mid)
     return 8 * (peak + 2 * src.dims.hidden * tgt.dims.hidden)
 
 
