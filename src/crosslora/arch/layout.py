@@ -333,16 +333,19 @@ class Layout:
         rows = ref.slot.rows[ref.role]
         return (w if rows is None else w[rows.to(w.device)]).contiguous()
 
-    def norm_gain(self, field: str, layer: int | None) -> torch.Tensor | None:
-        """The effective gain (γ, or 1 + γ for Gemma) of the norm a family field names, float64
-        (None where the family or checkpoint has no such norm); ``layer`` None: a model-level
-        norm."""
-        fam = self.family.data
-        name = fam.get(field)
+    def norm_key(self, field: str, layer: int | None) -> str | None:
+        """The checkpoint key of the norm a family field names (None where the family or
+        checkpoint has no such norm); ``layer`` None: a model-level norm."""
+        name = self.family.data.get(field)
         if not name:
             return None
         path = name if layer is None else f"{self.family.layers}.{layer}.{name}"
-        key = self.checkpoint.find(path)
+        return self.checkpoint.find(path)
+
+    def norm_gain(self, field: str, layer: int | None) -> torch.Tensor | None:
+        """The effective gain (γ, or 1 + γ for Gemma) of that norm, float64 (None where there is
+        none)."""
+        key = self.norm_key(field, layer)
         if key is None:
             return None
-        return self.checkpoint.get(key).double() + float(fam.get("norm_offset", 0.0))
+        return self.checkpoint.get(key).double() + float(self.family.data.get("norm_offset", 0.0))

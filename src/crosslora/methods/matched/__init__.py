@@ -402,20 +402,13 @@ def distinct_fits(src: Layout, tgt: Layout, tasks: list[ModuleTask]) -> list[tup
         n_t = t.tgt.shape[1]
         seen[("in", lt, INPUT_SPACE[role])] = (n_t, n_t)
         if role in ("o", "down"):
-            post = any(_has_norm(x, POST_NORM[role], i) for x, i in ((src, ls), (tgt, lt)))
+            post = any(x.norm_key(POST_NORM[role], i) for x, i in ((src, ls), (tgt, lt)))
             seen[("res", ls, lt, role if post else None)] = (tgt.dims.hidden, src.dims.hidden)
         elif role in ("gate", "up"):
             seen[("mid", ls, lt)] = (t.src.shape[0], t.src.shape[0])
         else:
             seen[("out", ls, role)] = (t.src.shape[0], t.src.shape[0])
     return list(seen.values())
-
-
-def _has_norm(layout: Layout, field: str, layer: int) -> bool:
-    """Whether layer ``layer`` has the norm a family field names (``Layout.norm_gain``)."""
-    name = layout.family.data.get(field)
-    path = f"{layout.family.layers}.{layer}.{name}"
-    return bool(name) and layout.checkpoint.find(path) is not None
 
 
 def _fit(pair: MatchedPair, key: tuple, make, ls: int | None, lt: int):
