@@ -23,24 +23,17 @@ sys.path[:0] = [str(REPO / "bench")]
 from refine_table import training_prompts  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from crosslora.refine.prompts import nll_per_char  # noqa: E402
 from crosslora.zoo.models import model_path  # noqa: E402
 
 
-@torch.no_grad()
-def nll_per_char(folder: Path, texts: list[str]) -> torch.Tensor:
-    """Each text's NLL in nats per character under the model in ``folder`` (float32, CPU), read
-    after the model's document start (its BOS, else its end-of-text token)."""
+def read(folder: Path, texts: list[str]) -> torch.Tensor:
+    """Each text's NLL in nats per character under the model in ``folder`` (float32, CPU), as
+    ``--refine-objective auto`` reads the prompts (``crosslora.refine.prompts.nll_per_char``)."""
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  trust_remote_code=False).eval()  # fmt: skip
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    out = []
-    for text in texts:
-        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-        ids = torch.cat([torch.tensor([[start]]), ids], dim=1)
-        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-        out.append(-float(logp.gather(-1, ids[0, 1:, None]).sum()) / len(text))
-    return torch.tensor(out, dtype=torch.float64)
+    return nll_per_char(model, tok, texts)
 
 
 def main() -> int:
@@ -53,7 +46,7 @@ def main() -> int:
     nll = {}
     for name in args.models:
         folder = Path(name) if Path(name).is_dir() else model_path(name, must_exist=True)
-        nll[name] = nll_per_char(folder, texts)
+        nll[name] = read(folder, texts)
         print(f"{name}: {nll[name].mean():.4f} nats per character", flush=True)
     for a, b in itertools.combinations(args.models, 2):
         d = nll[a] - nll[b]

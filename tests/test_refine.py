@@ -22,7 +22,7 @@ from conftest import (
     snapshot,
     transfer_argv,
 )
-from crosslora import TransferOptions
+from crosslora import TransferOptions, refine
 from crosslora.cli import main
 from crosslora.errors import CrossLoraError
 from crosslora.hooks import Update
@@ -171,6 +171,44 @@ def test_prompts_seed_the_teacher(pair, tmp_path):
     r = report["refine"]
     assert r["prompts"] == 4 and r["texts_written"] >= 4
     assert report["settings"]["refine"]["prompts"] == 4  # counted, not copied
+
+
+@torch.no_grad()
+def reads(folder: Path, texts) -> float:
+    """Mean NLL per character of ``texts`` under the base model in ``folder``, from the model's
+    own loss (mean over the predicted tokens), after its document start."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    per = []
+    for text in texts:
+        ids = [start] + tok(text, add_special_tokens=False).input_ids
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+        per.append(float(loss) * (len(ids) - 1) / len(text))
+    return sum(per) / len(per)
+
+
+def test_auto_objective_reads_the_prompts_with_both_bases(pair, tmp_path):
+    """``auto`` trains on the teacher's tokens (``nll``) where the source base reads the prompts
+    at the lower NLL per character, else ``shift``; the report and card say which and why."""
+    root, _ = pair
+    prompts = ("wa wb wc wd we", "wf wg wh wi wj", "wba wbb wbc wbd", "wca wcb wcc wcd")
+    out, report = run(pair, tmp_path, prompts=prompts, objective="auto")
+    r = report["refine"]
+    want = {"source": reads(root / "src", prompts), "target": reads(root / "neox", prompts)}
+    assert r["objective_chosen_by"] == "auto"
+    assert r["prompt_nll_per_char"] == pytest.approx(want, rel=1e-4)
+    assert r["objective"] == ("nll" if want["source"] < want["target"] else "shift")
+    assert "chosen by `auto`" in (out / "README.md").read_text()
+    assert refine.choose(0.8, 1.1) == "nll" and refine.choose(1.1, 0.8) == "shift"
+
+
+def test_auto_objective_without_prompts_is_shift(pair, tmp_path):
+    _, report = run(pair, tmp_path, objective="auto")
+    assert report["refine"]["objective"] == "shift"
+    assert "prompt_nll_per_char" not in report["refine"]
 
 
 # --- token selections across tokenizers ---------------------------------------------------

@@ -226,12 +226,16 @@ def _refine_lines(report: dict) -> str:
     marks += [curve[-1]] if marks[-1] != curve[-1] else []
     losses = ", ".join(f"{step}: {loss:.4f}" for step, loss in marks)
     seeded = f"{r['prompts']} prompts" if r["prompts"] else "no prompts (data-free)"
+    read = r.get("prompt_nll_per_char")
+    chosen = (f", chosen by `auto`: the source base reads the prompts at {read['source']:.3f} "
+              f"nats per character, the target base at {read['target']:.3f}") if read else ""
+    start = "the transfer" if r["start"] == "transfer" else "an untrained LoRA"
     return f"""
 ## Refine
 
 After the transfer the adapter was **trained** for {r["steps"]} steps of {r["batch"]} texts
-(objective `{r["objective"]}`, starting from {"the transfer" if r["start"] == "transfer" else
-"an untrained LoRA"}), on text the source model wrote with its adapter from {seeded}:
+(objective `{r["objective"]}`{chosen}, starting from {start}), on text the source model wrote
+with its adapter from {seeded}:
 {r["texts_written"]} texts written, {r["texts_kept"]} kept, {r["source_tokens_kept"]} source and
 {r["target_tokens_kept"]} target tokens selected where the adapter acts most. It took
 {r["seconds_teacher"]} s for the teacher and {r["seconds_training"]} s of training.

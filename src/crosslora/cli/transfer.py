@@ -133,7 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--refine-objective", choices=OBJECTIVES, default=RefineParams.objective,
         help="shift: the target's own distribution at the aligned positions, moved as the "
         "adapter moves the source's; nll: the teacher's selected tokens; kl: its distribution "
-        "over the shared vocabulary there (default %(default)s)",
+        "over the shared vocabulary there; auto: nll where the source base reads the --prompts "
+        "at a lower NLL per character than the target base, else shift (default %(default)s)",
     )  # fmt: skip
     g.add_argument(
         "--refine-from", choices=STARTS, default=RefineParams.start,

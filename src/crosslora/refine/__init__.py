@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from crosslora.lora import LoraFactors
 from crosslora.memory import MemoryNeed, gb, parameter_bytes
 from crosslora.refine import student, teacher
 from crosslora.refine.params import RefineParams
+from crosslora.refine.prompts import nll_per_char
 from crosslora.refine.selection import select
 from crosslora.speed import Work
 
@@ -57,8 +58,14 @@ def refine(
         raise CrossLoraError("--refine needs fast tokenizers (character offsets)")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     shared = _shared(tok_s, tok_t) if params.objective != "nll" else None
+    auto = params.objective == "auto"
+    if auto and not params.prompts:  # nothing both models read: the default objective
+        params, auto = replace(params, objective="shift"), False
+    reading: dict[str, float] = {}
 
     model = load_model(inputs.src.checkpoint.path, device, "source model", dtype)
+    if auto:
+        reading["source"] = float(nll_per_char(model, tok_s, params.prompts).mean())
     updates = source_updates(inputs, tasks)
     saved = folder / TEACHER if folder is not None else None
     if saved is not None and saved.is_file():
@@ -85,6 +92,11 @@ def refine(
     taught = time.perf_counter() - start
 
     model = load_model(inputs.tgt.checkpoint.path, device, "target model", dtype)
+    if auto:
+        reading["target"] = float(nll_per_char(model, tok_t, params.prompts).mean())
+        params = replace(params, objective=choose(reading["source"], reading["target"]))
+        log.info("refine: the source reads the prompts at %.4f nats per character, the target at "
+                 "%.4f: objective %s", reading["source"], reading["target"], params.objective)
     trainable = student.initial(factors, params.start, params.seed)
     with tqdm(total=params.steps_for(len(examples)), desc="refine: training", unit="step",
               disable=not progress) as bar:  # fmt: skip
@@ -93,7 +105,8 @@ def refine(
     gc.collect()
     out = [(u.module, LoraFactors(u.A.detach().cpu(), u.B.detach().cpu(), u.scale))
            for u in trainable]  # fmt: skip
-    report = {"objective": params.objective, "start": params.start,
+    chosen = {"objective_chosen_by": "auto", "prompt_nll_per_char": reading} if reading else {}
+    report = {"objective": params.objective, **chosen, "start": params.start,
               "prompts": len(params.prompts), **counts, "batch": params.batch,
               "lr": params.lr, "seed": params.seed,
               "seconds_teacher": round(taught, 1),
@@ -102,12 +115,20 @@ def refine(
     return out, report
 
 
+def choose(source_nll: float, target_nll: float) -> str:
+    """``--refine-objective auto``: ``nll`` (the teacher's tokens) where the source base reads
+    the prompts at a lower NLL per character than the target base, else ``shift``. On the
+    development task this picked the better of the two on all five pairs measured
+    (docs/results.md, "Refine")."""
+    return "nll" if source_nll < target_nll else "shift"
+
+
 def _shared(tok_s, tok_t) -> tuple[torch.Tensor, torch.Tensor]:
     from crosslora.methods.anchored.vocab import shared_vocab
 
     v = shared_vocab(tok_s, tok_t)
     if len(v) == 0:
-        raise CrossLoraError("--refine-objective kl/shift: the two tokenizers share no token")
+        raise CrossLoraError("--refine-objective kl/shift/auto: the two tokenizers share no token")
     return v.src_ids, v.tgt_ids
 
 
@@ -157,6 +178,6 @@ def flops(src: Layout, tgt: Layout, params: RefineParams) -> Work:
     written = params.generated * (2 if params.prompts else 1) * params.text_tokens
     write = WRITING * 2 * p_s * written
     score = 2 * 2 * p_s * params.generated * tokens
-    base = 2 * p_t * params.texts * tokens if params.objective == "shift" else 0
+    base = 2 * p_t * params.texts * tokens if params.objective in ("shift", "auto") else 0
     train = 3 * 2 * p_t * params.steps_for(params.texts) * params.batch * tokens
     return Work(write + score + base + train)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from crosslora.errors import CrossLoraError
 
-OBJECTIVES = ("shift", "nll", "kl")
+OBJECTIVES = ("shift", "nll", "kl", "auto")
 STARTS = ("transfer", "untrained")
 
 
@@ -30,7 +30,9 @@ class RefineParams:
     micro_batch: int = 4
     lr: float = 2e-4
     # "shift": the student's own base distribution moved as the adapter moves the teacher's;
-    # "nll": the teacher's tokens; "kl": its distribution (shared vocabulary)
+    # "nll": the teacher's tokens; "kl": its distribution (shared vocabulary); "auto": "nll" where
+    # the source base reads the prompts at a lower NLL per character than the target base, else
+    # "shift" (and "shift" without prompts)
     objective: str = "shift"
     start: str = "transfer"  # "transfer": the training-free transfer; "untrained": a new LoRA
     texts: int = 192

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from crosslora.errors import CrossLoraError
 from crosslora.io.files import open_regular
 
@@ -91,3 +93,21 @@ def rouge_l(a: str, b: str) -> float:
 def novel(candidate: str, kept: list[str], max_rouge: float) -> bool:
     """True when ``candidate`` is below ``max_rouge`` ROUGE-L to every kept input."""
     return all(rouge_l(candidate, k) < max_rouge for k in kept)
+
+
+@torch.no_grad()
+def nll_per_char(model, tokenizer, texts: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """Each text's NLL under ``model`` (no adapter) in nats per character (len(texts),) float64,
+    read after the model's document start (its BOS, else its end-of-text token): per character,
+    so that two tokenizers' readings of the same text compare (``--refine-objective auto``)."""
+    device = next(model.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        if start is not None:
+            ids = torch.cat([torch.tensor([[start]]), ids], dim=1)
+        ids = ids.to(device)
+        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        out.append(-float(logp.gather(-1, ids[0, 1:, None]).sum()) / max(len(text), 1))
+    return torch.tensor(out, dtype=torch.float64)
