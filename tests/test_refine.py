@@ -202,6 +202,9 @@ def test_auto_objective_reads_the_prompts_with_both_bases(pair, tmp_path):
     assert r["prompt_nll_per_char"] == pytest.approx(want, rel=1e-4)
     assert r["objective"] == ("nll" if want["source"] < want["target"] else "shift")
     assert "chosen by `auto`" in (out / "README.md").read_text()
+    same, _ = run(pair, tmp_path, prompts=prompts, objective=r["objective"])  # what it trained
+    ta, tb = (load_file(f / "adapter_model.safetensors") for f in (out, same))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert refine.choose(0.8, 1.1) == "nll" and refine.choose(1.1, 0.8) == "shift"
 
 
